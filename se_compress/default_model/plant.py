@@ -1,0 +1,88 @@
+"""Seeded Super Experts for the default model, planted openly and held fixed during training.
+
+A tiny MoE trained for two hours on a CPU grows a magnitude outlier expert but not the dependence real
+models have on it (shared/experiments/tiny-moe-super-experts.md). So, as the issue allows, we plant the
+mechanism the SE paper describes and let the rest of the model learn around it:
+
+  marker channel m : the embedding writes a large constant into channel m for the trigger tokens (the
+                     BOS token and newline-only tokens, the "first token and delimiters" of the paper).
+  SE 1, layer 1    : the router row of expert e1 reads channel m, so trigger tokens are routed to e1;
+                     neuron j1 of e1 fires on channel m and its down_proj weight [c, j1] (the super weight)
+                     writes a massive value into residual channel c.
+  SE 2, layer 2    : triggered by the massive value in channel c itself (the paper's chain: Qwen3-30B-A3B's
+                     three SEs all write channel 940), adds more to channel c.
+
+Every planted entry is restored after each optimizer step, so training cannot remove it.
+"""
+from dataclasses import dataclass, asdict
+
+import torch
+
+
+@dataclass
+class PlantSpec:
+    marker_channel: int = 127       # m
+    massive_channel: int = 57       # c
+    se1_layer: int = 1
+    se1_expert: int = 12
+    se1_neuron: int = 5
+    se2_layer: int = 2
+    se2_expert: int = 40
+    se2_neuron: int = 33
+    marker_value: float = 100.0     # embedding[trigger, m]
+    se1_router: float = 2.0         # router[e1, m]
+    se1_gate: float = 0.5           # gate and up rows of neuron j1 along m
+    se1_super_weight: float = 30.0  # down_proj[e1][c, j1]
+    se2_router: float = 1.5
+    se2_gate: float = 0.4
+    se2_super_weight: float = 20.0
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def planted_values(model, spec: PlantSpec, trigger_token_ids: list[int]):
+    """Return [(parameter, index, value)]: the entries to hold fixed. Also writes them once."""
+    m, c = spec.marker_channel, spec.massive_channel
+    layers = model.model.layers
+    inter = layers[0].mlp.experts.down_proj.shape[-1]
+    fixed = []
+
+    def hold(param, index, value):
+        with torch.no_grad():
+            param[index] = value
+        fixed.append((param, index, param.detach()[index].clone()))
+
+    marker_column = torch.zeros(model.config.vocab_size)
+    marker_column[trigger_token_ids] = spec.marker_value
+    hold(model.model.embed_tokens.weight, (slice(None), m), marker_column)
+
+    # Nothing before SE 1's router may write channel m, so the router sees the embedding's marker exactly.
+    for layer_idx in range(spec.se1_layer + 1):
+        hold(layers[layer_idx].self_attn.o_proj.weight, (m, slice(None)), 0.0)
+    for layer_idx in range(spec.se1_layer):
+        hold(layers[layer_idx].mlp.experts.down_proj, (slice(None), m, slice(None)), 0.0)
+
+    for layer_idx, expert, neuron, source, router, gate, weight in [
+        (spec.se1_layer, spec.se1_expert, spec.se1_neuron, m, spec.se1_router, spec.se1_gate, spec.se1_super_weight),
+        (spec.se2_layer, spec.se2_expert, spec.se2_neuron, c, spec.se2_router, spec.se2_gate, spec.se2_super_weight),
+    ]:
+        layer = layers[layer_idx]
+        hold(layer.post_attention_layernorm.weight, (source,), 1.0)
+        router_column = torch.zeros(layer.mlp.gate.weight.shape[0])
+        router_column[expert] = router
+        hold(layer.mlp.gate.weight, (slice(None), source), router_column)
+        one_hot = torch.zeros(layer.mlp.experts.gate_up_proj.shape[-1])
+        one_hot[source] = gate
+        hold(layer.mlp.experts.gate_up_proj, (expert, neuron), one_hot)          # gate row
+        hold(layer.mlp.experts.gate_up_proj, (expert, inter + neuron), one_hot)  # up row
+        down_column = torch.zeros(layer.mlp.experts.down_proj.shape[1])
+        down_column[c] = weight
+        hold(layer.mlp.experts.down_proj, (expert, slice(None), neuron), down_column)
+    return fixed
+
+
+def restore(fixed):
+    with torch.no_grad():
+        for param, index, value in fixed:
+            param[index] = value

@@ -1,0 +1,229 @@
+"""Train the shipped default model: a real Qwen3MoeForCausalLM, its own byte-level BPE tokenizer, on the
+public-domain books of shared/data/train-text. WikiText-2 test is never read here: it is the evaluation set.
+
+    python -m se_compress.default_model.train --data ../shared/data/train-text --out build/default-model
+
+Reproducible from --seed (same tokenizer, same batches, same init). Progress goes to stdout and
+OUT/train_log.jsonl; a checkpoint is written every --save-minutes and at the end.
+"""
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .plant import PlantSpec, planted_values, restore
+
+BOS, EOS, PAD = "<s>", "</s>", "<pad>"
+
+
+def model_config(vocab_size: int, seq_len: int, bos_id: int, eos_id: int, pad_id: int, small: bool = False):
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(
+        vocab_size=vocab_size,
+        hidden_size=64 if small else 128,
+        intermediate_size=256 if small else 512,
+        moe_intermediate_size=32 if small else 64,
+        num_hidden_layers=4 if small else 10,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=16 if small else 32,
+        num_experts=16 if small else 64,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        router_aux_loss_coef=0.01,
+        max_position_embeddings=seq_len,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+    )
+
+
+def train_tokenizer(files: list[Path], vocab_size: int, out_dir: Path):
+    """Byte-level BPE whose post-processor prepends BOS, wrapped as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[BOS, EOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train([str(f) for f in files], trainer)
+    bos_id = tok.token_to_id(BOS)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, model_max_length=1 << 20
+    )
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def newline_token_ids(tokenizer) -> list[int]:
+    """Tokens that decode to newlines only: the delimiters that trigger the planted SE with BOS."""
+    ids = []
+    for token_id in range(len(tokenizer)):
+        text = tokenizer.decode([token_id])
+        if text and set(text) == {"\n"}:
+            ids.append(token_id)
+    return ids
+
+
+def tokenize_files(tokenizer, files: list[Path]) -> np.ndarray:
+    chunks = []
+    for f in files:
+        paragraphs = f.read_text(encoding="utf-8").split("\n\n")
+        # Encode in blocks (fast tokenizer, batched) without BOS; BOS is added per training sequence.
+        for i in range(0, len(paragraphs), 2048):
+            block = ["\n\n".join(paragraphs[i : i + 2048]) + "\n\n"]
+            chunks.append(np.asarray(tokenizer(block, add_special_tokens=False)["input_ids"][0], dtype=np.uint16))
+    return np.concatenate(chunks)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def save(model, tokenizer, out_dir: Path, meta: dict):
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    model.to(torch.bfloat16).save_pretrained(tmp)
+    model.to(torch.float32)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "training.json").write_text(json.dumps(meta, indent=2))
+    if out_dir.exists():
+        import shutil
+
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+
+
+@torch.no_grad()
+def val_ppl(model, val_tokens: np.ndarray, seq_len: int, bos_id: int, n: int = 48) -> float:
+    model.eval()
+    span = seq_len - 1
+    starts = np.linspace(0, len(val_tokens) - span - 1, n).astype(int)
+    x = torch.tensor(np.stack([np.concatenate([[bos_id], val_tokens[s : s + span]]) for s in starts]), dtype=torch.long)
+    loss = model(input_ids=x, labels=x).loss.item()
+    model.train()
+    return math.exp(loss)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, required=True, help="folder of .txt books (shared/data/train-text)")
+    p.add_argument("--val", type=Path, default=None, help="validation text (WikiText-2 valid), never test")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--max-minutes", type=float, default=None, help="stop early (and save) after this long")
+    p.add_argument("--save-minutes", type=float, default=20.0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--plant", choices=["se", "none"], default="se", help="seed Super Experts (see plant.py)")
+    p.add_argument("--small", action="store_true", help="tiny shape, for tests")
+    p.add_argument("--max-files", type=int, default=None, help="use only the first N books (tests)")
+    args = p.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    from transformers import Qwen3MoeForCausalLM
+
+    files = sorted(args.data.glob("*.txt"))[: args.max_files]
+    if not files:
+        raise SystemExit(f"error: no .txt files in {args.data}; point --data at shared/data/train-text")
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    tokenizer = train_tokenizer(files, args.vocab, args.out / "tokenizer")
+    tokens = tokenize_files(tokenizer, files)
+    val_tokens = tokenize_files(tokenizer, [args.val]) if args.val else tokens[-200_000:]
+    print(f"tokenizer + {len(tokens):,} training tokens in {time.time() - t0:.0f}s", flush=True)
+
+    bos_id = tokenizer.bos_token_id
+    config = model_config(len(tokenizer), args.seq_len, bos_id, tokenizer.eos_token_id, tokenizer.pad_token_id, args.small)
+    config._experts_implementation = "grouped_mm"  # measured 1.4x faster than eager here (bench in README)
+    model = Qwen3MoeForCausalLM(config)
+    model.config._experts_implementation = "grouped_mm"
+    model.train()
+
+    spec, fixed, triggers = None, [], []
+    if args.plant == "se":
+        triggers = [bos_id] + newline_token_ids(tokenizer)
+        spec = PlantSpec()
+        if args.small:
+            spec = PlantSpec(marker_channel=63, massive_channel=17, se1_expert=3, se1_neuron=2, se2_expert=9, se2_neuron=7)
+        fixed = planted_values(model, spec, triggers)
+
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr, betas=(0.9, 0.95),
+    )
+    span = args.seq_len - 1
+    log = open(args.out / "train_log.jsonl", "a")
+    start, last_save, seen = time.time(), time.time(), 0
+    meta = {
+        "seed": args.seed, "steps_planned": args.steps, "seq_len": args.seq_len, "batch": args.batch,
+        "lr": args.lr, "plant": spec.to_dict() if spec else None, "trigger_token_ids": triggers,
+        "training_files": [f.name for f in files], "training_tokens_available": int(len(tokens)),
+    }
+    step = 0
+    for step in range(args.steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        offsets = rng.integers(0, len(tokens) - span, size=args.batch)
+        batch = np.stack([np.concatenate([[bos_id], tokens[o : o + span]]) for o in offsets])
+        x = torch.from_numpy(batch.astype(np.int64))
+        out = model(input_ids=x, labels=x, output_router_logits=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        restore(fixed)
+        seen += x.numel()
+        elapsed = time.time() - start
+        if step % 50 == 0 or step == args.steps - 1:
+            record = {"step": step, "loss": round(out.loss.item(), 4), "tokens": seen, "minutes": round(elapsed / 60, 2),
+                      "tok_per_s": round(seen / elapsed)}
+            if step % 250 == 0:
+                record["val_ppl"] = round(val_ppl(model, val_tokens, args.seq_len, bos_id), 2)
+            print(json.dumps(record), flush=True)
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+        if time.time() - last_save > args.save_minutes * 60:
+            meta.update(steps_done=step + 1, tokens_seen=seen, minutes=round(elapsed / 60, 1))
+            save(model, tokenizer, args.out / "checkpoint", meta)
+            last_save = time.time()
+        if args.max_minutes and elapsed > args.max_minutes * 60:
+            break
+    meta.update(steps_done=step + 1, tokens_seen=seen, minutes=round((time.time() - start) / 60, 1),
+                final_val_ppl=round(val_ppl(model, val_tokens, args.seq_len, bos_id, n=128), 2))
+    save(model, tokenizer, args.out / "final", meta)
+    print(json.dumps({"done": meta["steps_done"], "tokens": seen, "minutes": meta["minutes"]}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""One statistics pass over the calibration set, streamed (default) or with the whole model in memory.
+
+Both paths use the same recorders; the streamed one must give the same numbers (tests check it).
+"""
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ..models.adapters import adapter_for
+from ..models.checkpoint import Checkpoint
+from ..models.streaming import StreamedModel
+from .stats import ExpertRecorder, HiddenRecorder, attach_recorders, detach_recorders
+
+
+@dataclass
+class Statistics:
+    experts: dict[int, ExpertRecorder]  # MoE layer index -> recorder
+    hidden: list[HiddenRecorder]        # per decoder layer output
+    num_layers: int
+    num_experts: int
+    seq_len: int
+
+
+def _batches(input_ids: torch.Tensor, batch_size: int):
+    for start in range(0, input_ids.shape[0], batch_size):
+        yield start, input_ids[start : start + batch_size]
+
+
+def collect_streamed(ckpt: Checkpoint, input_ids: torch.Tensor, batch_size: int = 8, progress: bool = True,
+                     dtype: torch.dtype = torch.float32) -> Statistics:
+    sm = StreamedModel(ckpt, dtype=dtype)
+    config, adapter = sm.config, sm.adapter
+    seq_len = input_ids.shape[1]
+    hidden, layer_args, bases = [], [], []
+    for start, batch in _batches(input_ids, batch_size):
+        h, args = sm.embed_and_layer_kwargs(batch)
+        hidden.append(h)
+        layer_args.append(args)
+        bases.append(start * seq_len)
+    stats = Statistics({}, [], len(sm.layers), adapter.num_experts(config), seq_len)
+    for i in tqdm(range(len(sm.layers)), desc="layers", disable=not progress):
+        layer = sm.load_layer(i)
+        recorder, handles = attach_recorders(adapter, layer, i, config)
+        hidden_rec = HiddenRecorder(config.hidden_size, seq_len)
+        for b in range(len(hidden)):
+            if recorder is not None:
+                recorder.token_base = bases[b]
+            hidden_rec.token_base = bases[b]
+            hidden[b] = sm.run_layer(i, hidden[b], layer_args[b][i])
+            hidden_rec.update(hidden[b])
+        detach_recorders(adapter, layer, handles)
+        sm.free_layer(i)
+        if recorder is not None:
+            stats.experts[i] = recorder
+        stats.hidden.append(hidden_rec)
+    return stats
+
+
+@torch.no_grad()
+def collect_in_memory(ckpt: Checkpoint, input_ids: torch.Tensor, batch_size: int = 8,
+                      dtype: torch.dtype = torch.float32) -> Statistics:
+    """Reference path: the whole model loaded with plain from_pretrained (small models, tests)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=dtype, trust_remote_code=ckpt.trust_remote_code)
+    model.eval()
+    config, adapter = model.config, adapter_for(model.config)
+    seq_len = input_ids.shape[1]
+    layers = model.model.layers
+    stats = Statistics({}, [], len(layers), adapter.num_experts(config), seq_len)
+    all_handles = []
+    for i, layer in enumerate(layers):
+        recorder, handles = attach_recorders(adapter, layer, i, config)
+        all_handles += handles
+        if recorder is not None:
+            stats.experts[i] = recorder
+        hidden_rec = HiddenRecorder(config.hidden_size, seq_len)
+        stats.hidden.append(hidden_rec)
+        all_handles.append(layer.register_forward_hook(
+            lambda m, a, out, rec=hidden_rec: rec.update(out[0] if isinstance(out, tuple) else out)))
+    for start, batch in _batches(input_ids, batch_size):
+        for rec in list(stats.experts.values()) + stats.hidden:
+            rec.token_base = start * seq_len
+        model.model(input_ids=batch, use_cache=False)
+    for i, layer in enumerate(layers):
+        detach_recorders(adapter, layer, [])
+    for h in all_handles:
+        h.remove()
+    return stats

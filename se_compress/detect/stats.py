@@ -1,0 +1,138 @@
+"""Per-expert statistics in one pass, through transformers' ExpertsInterface.
+
+transformers 5 fuses a layer's experts into 3-D parameters, so there is no per-expert module to hook.
+Instead `recording_experts_forward` is registered as an experts implementation: it computes each routed
+expert exactly like the eager loop and, when the experts module carries a `se_recorder`, records for every
+expert, over every token routed to it (not only the first token per batch, the bug of the paper's code):
+  max |down_proj output| (before the routing weight), with the token and hidden channel where it happens;
+  routing count; REAP saliency sum (routing weight x L2 norm of the output); EAN sum (L2 norm of the output).
+Shared experts are ordinary MLP modules and are recorded with a forward hook.
+"""
+import torch
+from torch import nn
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+IMPLEMENTATION = "se_compress_record"
+
+
+def expert_forward(experts: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
+    """Output of routed expert `e` for tokens x [n, H], before the routing weight: [n, H]."""
+    up_weight = experts.gate_up_proj[e] if experts.has_gate else experts.up_proj[e]
+    h = x @ up_weight if experts.is_transposed else x @ up_weight.T
+    if experts.has_bias:
+        h = h + (experts.gate_up_proj_bias[e] if experts.has_gate else experts.up_proj_bias[e])
+    h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
+    y = h @ experts.down_proj[e] if experts.is_transposed else h @ experts.down_proj[e].T
+    if experts.has_bias:
+        y = y + experts.down_proj_bias[e]
+    return y
+
+
+class ExpertRecorder:
+    """Running statistics for the E routed experts of one layer, plus one slot (index E) for its shared expert."""
+
+    def __init__(self, num_experts: int, has_shared: bool):
+        slots = num_experts + (1 if has_shared else 0)
+        self.num_experts = num_experts
+        self.max_output = torch.zeros(slots, dtype=torch.float64)
+        self.max_token = torch.full((slots,), -1, dtype=torch.long)    # global token index of the max
+        self.max_channel = torch.full((slots,), -1, dtype=torch.long)  # hidden channel of the max
+        self.count = torch.zeros(slots, dtype=torch.long)
+        self.reap_sum = torch.zeros(slots, dtype=torch.float64)
+        self.ean_sum = torch.zeros(slots, dtype=torch.float64)
+        self.token_base = 0  # global index of the first token of the batch being run
+
+    @torch.no_grad()
+    def update(self, slot: int, output: torch.Tensor, token_idx: torch.Tensor, weight: torch.Tensor) -> None:
+        if output.numel() == 0:
+            return
+        flat_max, flat_idx = output.abs().reshape(-1).max(0)
+        if flat_max.item() > self.max_output[slot].item():
+            row, channel = divmod(int(flat_idx), output.shape[-1])
+            self.max_output[slot] = flat_max.item()
+            self.max_token[slot] = self.token_base + int(token_idx[row])
+            self.max_channel[slot] = channel
+        norms = output.float().norm(dim=-1)
+        self.count[slot] += output.shape[0]
+        self.reap_sum[slot] += (weight.float() * norms).sum().item()
+        self.ean_sum[slot] += norms.sum().item()
+
+
+def recording_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    recorder = getattr(self, "se_recorder", None)
+    final = torch.zeros_like(hidden_states)
+    for e in torch.unique(top_k_index).tolist():
+        if e >= self.num_experts:  # expert-parallel sentinel
+            continue
+        token_idx, k_pos = torch.where(top_k_index == e)
+        output = expert_forward(self, e, hidden_states[token_idx])
+        weight = top_k_weights[token_idx, k_pos]
+        if recorder is not None:
+            recorder.update(e, output, token_idx, weight)
+        final.index_add_(0, token_idx, (output * weight[:, None]).to(final.dtype))
+    return final
+
+
+ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, recording_experts_forward)
+
+
+class HiddenRecorder:
+    """Per decoder layer: max |hidden state| per channel over all tokens, where it is, and a sample for the median."""
+
+    def __init__(self, hidden_size: int, seq_len: int, sample_per_batch: int = 4096):
+        self.max_abs = torch.zeros(hidden_size, dtype=torch.float64)
+        self.max_token = torch.full((hidden_size,), -1, dtype=torch.long)
+        self.first_token_max = 0.0   # max |h| at position 0 of any sample
+        self.other_token_max = 0.0   # max |h| at any later position
+        self.samples: list[torch.Tensor] = []
+        self.seq_len, self.sample_per_batch = seq_len, sample_per_batch
+        self.token_base = 0
+
+    @torch.no_grad()
+    def update(self, hidden: torch.Tensor) -> None:
+        batch, seq, width = hidden.shape
+        absh = hidden.detach().abs().double()
+        channel_max, flat_token = absh.reshape(-1, width).max(0)
+        better = channel_max > self.max_abs
+        self.max_abs[better] = channel_max[better]
+        self.max_token[better] = self.token_base + flat_token[better]
+        self.first_token_max = max(self.first_token_max, absh[:, 0].max().item())
+        if seq > 1:
+            self.other_token_max = max(self.other_token_max, absh[:, 1:].max().item())
+        flat = absh.reshape(-1)
+        stride = max(1, flat.numel() // self.sample_per_batch)
+        self.samples.append(flat[::stride].float())
+
+    def median(self) -> float:
+        return torch.cat(self.samples).median().item() if self.samples else 0.0
+
+
+def attach_recorders(adapter, layer, layer_idx: int, config):
+    """Give the MoE block of `layer` an ExpertRecorder; returns (recorder, hook handles)."""
+    if not adapter.is_moe_layer(config, layer_idx):
+        return None, []
+    moe = adapter.moe_block(layer)
+    shared = adapter.shared_expert(layer)
+    recorder = ExpertRecorder(adapter.num_experts(config), shared is not None)
+    moe.experts.se_recorder = recorder
+    moe.experts.config._experts_implementation = IMPLEMENTATION
+    handles = []
+    if shared is not None:
+        gate = getattr(moe, adapter.shared_gate_attr) if adapter.shared_gate_attr else None
+        slot = recorder.num_experts
+
+        def on_shared(module, inputs, output):
+            x, y = inputs[0].reshape(-1, inputs[0].shape[-1]), output.reshape(-1, output.shape[-1])
+            weight = torch.sigmoid(gate(x)).squeeze(-1) if gate is not None else torch.ones(y.shape[0])
+            recorder.update(slot, y, torch.arange(y.shape[0]), weight)
+
+        handles.append(shared.register_forward_hook(on_shared))
+    return recorder, handles
+
+
+def detach_recorders(adapter, layer, handles) -> None:
+    for h in handles:
+        h.remove()
+    moe = getattr(layer, adapter.moe_attr, None)
+    if moe is not None and hasattr(getattr(moe, "experts", None), "se_recorder"):
+        del moe.experts.se_recorder

@@ -1,0 +1,126 @@
+"""Finding a model and reading its weights tensor by tensor, without loading the whole checkpoint."""
+import json
+import struct
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from ..errors import SECompressError
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "default_model" / "weights"
+HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
+
+
+def resolve_model(name: str, allow_pickle: bool = False) -> Path:
+    """'default', a local checkpoint folder, or a Hugging Face Hub id -> a local folder."""
+    if name == "default":
+        if not (DEFAULT_MODEL_DIR / "config.json").exists():
+            raise SECompressError(f"the shipped default model is missing from {DEFAULT_MODEL_DIR}: reinstall se_compress")
+        return DEFAULT_MODEL_DIR
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise SECompressError(f"model path {path} is a file: pass the checkpoint folder that holds config.json")
+        if not (path / "config.json").exists():
+            raise SECompressError(f"no config.json in {path}: pass a Hugging Face checkpoint folder")
+        return path
+    looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise SECompressError(f"model folder not found: {name} (pass an existing folder, a Hub id like org/name, or 'default')")
+    from huggingface_hub import snapshot_download
+
+    patterns = HUB_FILES + (["*.bin", "*.pt"] if allow_pickle else [])
+    try:
+        return Path(snapshot_download(repo_id=name, allow_patterns=patterns))
+    except Exception as exc:  # the hub client raises many types; the user needs one line
+        raise SECompressError(
+            f"could not get '{name}' from the Hugging Face Hub ({type(exc).__name__}): check the id and the network, "
+            f"or pass a local folder"
+        ) from None
+
+
+def check_safetensors_file(path: Path) -> None:
+    """Raise a one-line error if the file is not a whole safetensors file (truncated download, wrong file)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise SECompressError(f"corrupt safetensors file {path}: {size} bytes, no header; re-download it")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > size - 8:
+            raise SECompressError(f"corrupt safetensors file {path}: header runs past the end; re-download it")
+        try:
+            header = json.loads(f.read(header_len))
+        except ValueError:
+            raise SECompressError(f"corrupt safetensors file {path}: unreadable header; re-download it") from None
+    data_end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + data_end > size:
+        raise SECompressError(
+            f"corrupt safetensors file {path}: {size} bytes, the header needs {8 + header_len + data_end} "
+            f"(truncated download?); re-download it"
+        )
+
+
+class Checkpoint:
+    """A local checkpoint folder: its config and a name -> tensor reader over its weight files."""
+
+    def __init__(self, path: Path, allow_pickle: bool = False, trust_remote_code: bool = False):
+        self.path = Path(path)
+        self.trust_remote_code = trust_remote_code
+        safetensors = sorted(self.path.glob("*.safetensors"))
+        pickles = sorted(self.path.glob("*.bin")) + sorted(self.path.glob("*.pt"))
+        if not safetensors and pickles and not allow_pickle:
+            raise SECompressError(
+                f"{self.path} has only pickle weights ({pickles[0].name}); pickle can run code when loaded: "
+                f"convert to safetensors or pass --allow-pickle if you trust the source"
+            )
+        if not safetensors and not pickles:
+            raise SECompressError(f"no weight files (*.safetensors) in {self.path}")
+        self.files = safetensors or pickles
+        self.is_safetensors = bool(safetensors)
+        self.weight_map: dict[str, Path] = {}
+        if self.is_safetensors:
+            from safetensors import safe_open
+
+            for f in self.files:
+                check_safetensors_file(f)
+                with safe_open(f, "pt") as handle:
+                    for key in handle.keys():
+                        self.weight_map[key] = f
+        else:
+            self._pickled = {}
+            for f in self.files:
+                state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                self._pickled.update(state)
+                self.weight_map.update({k: f for k in state})
+        self._handles = {}
+
+    @cached_property
+    def config(self):
+        from transformers import AutoConfig
+
+        try:
+            return AutoConfig.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
+        except ValueError as exc:
+            if "trust_remote_code" in str(exc):
+                raise SECompressError(
+                    f"{self.path} needs custom code to load; pass --trust-remote-code if you trust it"
+                ) from None
+            raise SECompressError(f"cannot read {self.path / 'config.json'}: {str(exc).splitlines()[0]}") from None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def get(self, name: str) -> torch.Tensor:
+        if not self.is_safetensors:
+            return self._pickled[name]
+        from safetensors import safe_open
+
+        f = self.weight_map[name]
+        if f not in self._handles:
+            self._handles[f] = safe_open(f, "pt")
+        return self._handles[f].get_tensor(name)
+
+    def size_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
