@@ -71,7 +71,8 @@ def _set_tensor(module: nn.Module, name: str, value: torch.Tensor, as_buffer: bo
 
 
 class StreamedModel:
-    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype = torch.float32):
+    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None,
+                 experts_implementation: str | None = None):
         from accelerate import init_empty_weights
         from transformers import AutoModelForCausalLM
 
@@ -79,7 +80,10 @@ class StreamedModel:
         self.config = ckpt.config
         self.adapter = adapter_for(self.config)
         with init_empty_weights(include_buffers=False):
-            self.model = AutoModelForCausalLM.from_config(self.config, trust_remote_code=ckpt.trust_remote_code)
+            extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+            self.model = AutoModelForCausalLM.from_config(self.config, trust_remote_code=ckpt.trust_remote_code, **extra)
+        if experts_implementation:
+            self.model.config._experts_implementation = experts_implementation
         self.model.eval()
         self.layers = self.model.model.layers
         for name, module in self.model.named_modules():
