@@ -4,7 +4,10 @@ MODEL ?= default
 OUT ?=
 CALIB ?= wikitext2
 
-.PHONY: setup test detect ablate train-default bench-detect-memory
+.PHONY: quickstart setup test detect ablate train-default bench-detect-memory
+
+quickstart: setup  ## install, then find the Super Experts of the shipped default model
+	se-compress detect default
 
 setup:  ## install torch (CPU wheel) first, then se_compress with its test extras
 	$(PYTHON) -m pip install torch==2.13.0

@@ -70,6 +70,40 @@ def cmd_detect(args):
     print(f"report: {out}/se_report.md")
 
 
+def cmd_ablate(args):
+    from .detect import detect, write_report
+    from .eval.ablation import ablate, ablation_markdown, write_ablation
+
+    out = Path(args.out or f"checkpoints/{Path(args.model).name or 'model'}-ablation")
+    common = dict(allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+    if args.se_report:
+        se_report = _read_json(args.se_report)
+    else:
+        se_report = detect(args.model, calib=args.calib, samples=args.samples, seqlen=args.seqlen, seed=args.seed,
+                           criterion=_criterion(args), batch_size=args.batch_size, **common)
+        write_report(se_report, out)
+    result = ablate(args.model, se_report=se_report, draws=args.draws, seed=args.seed, seqlen=args.eval_seqlen,
+                    max_windows=args.max_windows)
+    write_ablation(result, out)
+    print(ablation_markdown(result))
+    print(f"written: {out}/ablation.json, ablation.md, ablation.png")
+
+
+def cmd_train_default(args):
+    from .default_model.train import main as train_main
+
+    train_main(args.train_args)
+
+
+def _read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise SECompressError(f"file not found: {path}") from None
+    except ValueError:
+        raise SECompressError(f"{path} is not valid JSON: pass the se_report.json written by se-compress detect") from None
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="se-compress", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,6 +119,26 @@ def build_parser():
     p.add_argument("--stability", action="store_true",
                    help="repeat detection over seeds, both shipped calibration sets and smaller token budgets")
     p.set_defaults(func=cmd_detect)
+
+    p = sub.add_parser("ablate", help="the paper's study: perplexity with the SEs zeroed vs as many random experts",
+                       description="Zero the Super Experts' down_proj, then as many random non-SE experts (5 seeded "
+                                   "draws, and draws matched layer by layer); WikiText-2 perplexity and attention on "
+                                   "the first token for each. Writes ablation.json, ablation.md and ablation.png.")
+    _model_args(p)
+    p.add_argument("--out", help="folder (default checkpoints/<model>-ablation)")
+    p.add_argument("--se-report", help="reuse a se_report.json instead of running detection")
+    p.add_argument("--draws", type=int, default=5, help="random draws of each kind")
+    p.add_argument("--eval-seqlen", type=int, default=None, help="perplexity window (default: the model's context, at most 2048)")
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows (quick runs)")
+    _calib_args(p)
+    _criterion_args(p)
+    p.set_defaults(func=cmd_ablate)
+
+    p = sub.add_parser("train-default", help="retrain the shipped default model (hours on 2 CPU cores)",
+                       description="Arguments after train-default go to the trainer; see "
+                                   "`se-compress train-default -- --help`.")
+    p.add_argument("train_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_train_default)
     return parser
 
 

@@ -122,5 +122,9 @@ class Checkpoint:
             self._handles[f] = safe_open(f, "pt")
         return self._handles[f].get_tensor(name)
 
+    def release(self) -> None:
+        """Drop the open (memory-mapped) files: pages read so far would otherwise stay mapped and count in RSS."""
+        self._handles = {}
+
     def size_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.files)

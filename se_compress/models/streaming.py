@@ -116,6 +116,7 @@ class StreamedModel:
             for tensor_name, tensor in list(sub._parameters.items()):
                 if tensor is not None:
                     sub._parameters[tensor_name] = nn.Parameter(torch.empty_like(tensor, device="meta"), requires_grad=False)
+        self.ckpt.release()
 
     @torch.no_grad()
     def embed_and_layer_kwargs(self, input_ids: torch.Tensor):

@@ -1,0 +1,165 @@
+"""The SE paper's ablation on any model: perplexity with the Super Experts' down_proj zeroed, against as many
+random non-SE experts zeroed (seeded draws over all MoE layers, and draws matched layer by layer), plus the
+attention mass on the first token before and after.
+"""
+import json
+import random
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+from ..detect import detect, load_tokenizer
+from ..errors import SECompressError
+from ..models.adapters import adapter_for
+from ..models.checkpoint import Checkpoint, resolve_model
+from ..models.edit import zero_experts
+from .perplexity import default_seqlen, eval_windows, perplexity_streamed, wikitext2_test_text
+from .sink import d_sink, first_token_attention
+
+
+def _hook(adapter, experts):
+    by_layer = defaultdict(list)
+    for layer, expert in experts:
+        by_layer[layer].append(expert)
+    return lambda i, layer: zero_experts(adapter, layer, by_layer[i]) if i in by_layer else None
+
+
+def draw_random(candidates, count, rng):
+    return sorted(rng.sample(candidates, count), key=lambda k: (k[0], str(k[1])))
+
+
+def draw_layer_matched(ses, candidates, rng):
+    chosen = []
+    for layer, _ in ses:
+        pool = [c for c in candidates if c[0] == layer and c not in chosen]
+        chosen.append(rng.choice(pool))
+    return chosen
+
+
+def ablate(model: str, se_report: dict | None = None, draws: int = 5, seed: int = 0, seqlen: int | None = None,
+           max_windows: int | None = None, sink_windows: int = 16, progress: bool = True, **detect_kwargs) -> dict:
+    path = resolve_model(model)
+    ckpt = Checkpoint(path)
+    adapter = adapter_for(ckpt.config)
+    report = se_report or detect(model, progress=progress, **detect_kwargs)
+    ses = [(s["layer"], s["expert"]) for s in report["super_experts"]]
+    if not ses:
+        raise SECompressError(f"the detector found no Super Experts in {model}: nothing to ablate (see its se_report.md)")
+    candidates = [(e["layer"], e["expert"]) for e in report["experts"]
+                  if e["expert"] != "shared" and (e["layer"], e["expert"]) not in set(ses)]
+    rng = random.Random(seed)
+    random_sets = [draw_random(candidates, len(ses), rng) for _ in range(draws)]
+    matched_sets = [draw_layer_matched(ses, candidates, rng) for _ in range(draws)]
+
+    tokenizer = load_tokenizer(path)
+    seqlen = seqlen or default_seqlen(ckpt.config)
+    windows = eval_windows(tokenizer, wikitext2_test_text(), seqlen, max_windows)
+
+    def ppl(experts):
+        hook = _hook(adapter, experts) if experts else None
+        return perplexity_streamed(ckpt, windows, layer_hook=hook, progress=False)["ppl"]
+
+    conditions = [("base", [])] + [("se", ses)] + [(f"random {i}", s) for i, s in enumerate(random_sets)] + \
+                 [(f"layer-matched {i}", s) for i, s in enumerate(matched_sets)]
+    results = {}
+    from tqdm.auto import tqdm
+
+    for name, experts in tqdm(conditions, desc="ablation", disable=not progress):
+        results[name] = ppl(experts)
+
+    sink_in = windows[:sink_windows]
+    attention = {
+        "base": first_token_attention(ckpt, sink_in),
+        "se_zeroed": first_token_attention(ckpt, sink_in, _hook(adapter, ses)),
+        "random_zeroed": first_token_attention(ckpt, sink_in, _hook(adapter, random_sets[0])),
+    }
+    mean = lambda per_layer: [sum(h) / len(h) for h in per_layer]
+    return {
+        "model": model,
+        "super_experts": [list(k) for k in ses],
+        "base_ppl": results["base"],
+        "se_ppl": results["se"],
+        "random_ppl": [results[f"random {i}"] for i in range(draws)],
+        "random_experts": [[list(k) for k in s] for s in random_sets],
+        "layer_matched_ppl": [results[f"layer-matched {i}"] for i in range(draws)],
+        "layer_matched_experts": [[list(k) for k in s] for s in matched_sets],
+        "sink_attention": {
+            "definition": "per layer: mean over heads and query positions t>=1 of attention on position 0",
+            "base": mean(attention["base"]),
+            "se_zeroed": mean(attention["se_zeroed"]),
+            "random_zeroed": mean(attention["random_zeroed"]),
+            "d_sink_se": d_sink(attention["base"], attention["se_zeroed"]),
+            "d_sink_random": d_sink(attention["base"], attention["random_zeroed"]),
+            "windows": int(sink_in.shape[0]),
+        },
+        "eval": {"text": "WikiText-2 raw test", "windows": int(windows.shape[0]), "seqlen": seqlen,
+                 "bos_per_window": bool(windows[0, 0] == tokenizer.bos_token_id and tokenizer.bos_token_id is not None)},
+        "draws": draws,
+        "seed": seed,
+    }
+
+
+def ablation_markdown(result: dict) -> str:
+    base = result["base_ppl"]
+    mean = lambda xs: sum(xs) / len(xs)
+    ev = result["eval"]
+    lines = [
+        f"# SE ablation: {result['model']}",
+        "",
+        f"WikiText-2 raw test, {ev['windows']} windows of {ev['seqlen']} tokens"
+        f"{' (BOS + text)' if ev['bos_per_window'] else ''}; experts zeroed = their down_proj set to 0.",
+        "",
+        "| condition | experts zeroed | perplexity | x base |",
+        "|---|---|---:|---:|",
+        f"| base | none | {base:.2f} | 1.00 |",
+        f"| Super Experts | {result['super_experts']} | {result['se_ppl']:.2f} | {result['se_ppl'] / base:.2f} |",
+    ]
+    for i, (p, s) in enumerate(zip(result["random_ppl"], result["random_experts"])):
+        lines.append(f"| random draw {i} | {s} | {p:.2f} | {p / base:.3f} |")
+    lines.append(f"| random, mean of {len(result['random_ppl'])} | | {mean(result['random_ppl']):.2f} | "
+                 f"{mean(result['random_ppl']) / base:.3f} |")
+    for i, (p, s) in enumerate(zip(result["layer_matched_ppl"], result["layer_matched_experts"])):
+        lines.append(f"| layer-matched draw {i} | {s} | {p:.2f} | {p / base:.3f} |")
+    sink = result["sink_attention"]
+    lines += ["", f"Attention on the first token ({sink['definition']}; {sink['windows']} windows):", "",
+              "| layer | base | SEs zeroed | random zeroed | D_sink (SEs) | D_sink (random) |", "|---:|---:|---:|---:|---:|---:|"]
+    for l, (b, s, r, ds, dr) in enumerate(zip(sink["base"], sink["se_zeroed"], sink["random_zeroed"], sink["d_sink_se"],
+                                              sink["d_sink_random"])):
+        lines.append(f"| {l} | {b:.3f} | {s:.3f} | {r:.3f} | {ds:.2f} | {dr:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_ablation(result: dict, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        tmp = Path(tmp)
+        (tmp / "ablation.json").write_text(json.dumps(result, indent=2))
+        (tmp / "ablation.md").write_text(ablation_markdown(result))
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+        names = ["base", "SEs"] + [f"rand{i}" for i in range(len(result["random_ppl"]))] + \
+                [f"match{i}" for i in range(len(result["layer_matched_ppl"]))]
+        values = [result["base_ppl"], result["se_ppl"]] + result["random_ppl"] + result["layer_matched_ppl"]
+        colors = ["gray", "tab:red"] + ["tab:blue"] * len(result["random_ppl"]) + ["tab:cyan"] * len(result["layer_matched_ppl"])
+        ax1.bar(names, values, color=colors)
+        ax1.set_ylabel("WikiText-2 perplexity")
+        ax1.set_title("Zeroing Super Experts vs as many random experts")
+        ax1.tick_params(axis="x", rotation=60)
+        sink = result["sink_attention"]
+        for key, style in [("base", "o-"), ("se_zeroed", "s--"), ("random_zeroed", "^:")]:
+            ax2.plot(range(len(sink[key])), sink[key], style, label=key)
+        ax2.set_xlabel("layer")
+        ax2.set_ylabel("attention on the first token")
+        ax2.set_title("Attention sink")
+        ax2.legend()
+        fig.tight_layout()
+        fig.savefig(tmp / "ablation.png", dpi=110)
+        plt.close(fig)
+        for f in tmp.iterdir():
+            f.replace(out / f.name)
+    return out

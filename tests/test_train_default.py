@@ -1,0 +1,46 @@
+"""The training command on a small slice: it runs, keeps the planted super weights fixed, and writes a
+checkpoint that loads with plain transformers (training itself is not run in CI)."""
+import json
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import REPO
+from se_compress.default_model.plant import PlantSpec
+from se_compress.default_model.train import main as train_main
+
+
+def test_training_command_writes_a_loadable_checkpoint_with_the_plant_intact(tmp_path):
+    data = tmp_path / "books"
+    data.mkdir()
+    (data / "book.txt").write_text((REPO / "se_compress/data/text/c4-sample.txt").read_text()[:200_000])
+    train_main(["--data", str(data), "--out", str(tmp_path / "run"), "--small", "--steps", "6", "--batch", "4",
+                "--seq-len", "64", "--vocab", "300", "--warmup", "2", "--threads", "1"])
+    final = tmp_path / "run" / "final"
+    meta = json.loads((final / "training.json").read_text())
+    assert meta["steps_done"] == 6 and meta["tokens_seen"] == 6 * 4 * 64
+    model = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    assert tokenizer("hello")["input_ids"][0] == tokenizer.bos_token_id
+    spec = PlantSpec(**meta["plant"])
+    down = model.model.layers[spec.se1_layer].mlp.experts.down_proj
+    assert down[spec.se1_expert, spec.massive_channel, spec.se1_neuron].item() == spec.se1_super_weight
+    # The super weight writes a massive value into its channel on BOS, and not on ordinary tokens.
+    ids = tokenizer("The cat sat on the mat", return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden = model(ids, output_hidden_states=True).hidden_states[spec.se1_layer + 1][0, :, spec.massive_channel]
+    assert hidden[0].abs() > 50 * hidden[1:].abs().max()
+
+
+def test_grouped_mm_matches_eager_for_training(tiny_model):
+    """Training uses transformers' grouped_mm experts (faster here); it must compute what eager computes."""
+    path = tiny_model("qwen3_moe")
+    x = torch.randint(3, 500, (2, 16))
+    outputs = {}
+    for impl in ["eager", "grouped_mm"]:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, experts_implementation=impl)
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        outputs[impl] = (loss.item(), model.model.layers[1].mlp.experts.down_proj.grad.clone())
+    assert abs(outputs["eager"][0] - outputs["grouped_mm"][0]) < 1e-5
+    assert torch.allclose(outputs["eager"][1], outputs["grouped_mm"][1], atol=1e-6)
