@@ -82,3 +82,12 @@ def test_detect_cli_writes_report_and_stability(tmp_path, tiny_model):
     assert code == 0, err
     assert "1 Super Experts: (2,5)" in stdout and "stability: SE set stable" in stdout
     assert (out / "se_report.md").exists() and (out / "stability.json").exists()
+
+
+def test_unreachable_hub_id_is_one_line(tmp_path):
+    import os
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    proc = subprocess.run([sys.executable, "-m", "se_compress", "detect", "no-such-org/no-such-moe", "--out",
+                           str(tmp_path / "r")], capture_output=True, text=True, env=env)
+    assert_one_line_error(proc.returncode, proc.stderr, "Hugging Face Hub", "no-such-org/no-such-moe")

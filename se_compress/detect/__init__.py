@@ -108,7 +108,8 @@ def build_report(model_name: str, config, stats: Statistics, calibration, criter
 
 def detect(model: str, calib: str = "wikitext2", samples: int = 64, seqlen: int = 256, seed: int = 0,
            criterion: Criterion | None = None, batch_size: int = 8, streamed: bool = True, allow_pickle: bool = False,
-           trust_remote_code: bool = False, progress: bool = True, stats_out: list | None = None) -> dict:
+           trust_remote_code: bool = False, progress: bool = True, stats_out: list | None = None,
+           layer_hook=None) -> dict:
     criterion = criterion or Criterion()
     path = resolve_model(model, allow_pickle=allow_pickle)
     ckpt = Checkpoint(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
@@ -116,7 +117,7 @@ def detect(model: str, calib: str = "wikitext2", samples: int = 64, seqlen: int 
     tokenizer = load_tokenizer(path, trust_remote_code)
     calibration = build_calibration(tokenizer, calib, samples, seqlen, seed)
     start = time.time()
-    stats = (collect_streamed(ckpt, calibration.input_ids, batch_size, progress) if streamed
+    stats = (collect_streamed(ckpt, calibration.input_ids, batch_size, progress, layer_hook=layer_hook) if streamed
              else collect_in_memory(ckpt, calibration.input_ids, batch_size))
     if stats_out is not None:
         stats_out.append(stats)

@@ -28,7 +28,9 @@ def _batches(input_ids: torch.Tensor, batch_size: int):
 
 
 def collect_streamed(ckpt: Checkpoint, input_ids: torch.Tensor, batch_size: int = 8, progress: bool = True,
-                     dtype: torch.dtype = torch.float32) -> Statistics:
+                     dtype: torch.dtype = torch.float32, layer_hook=None) -> Statistics:
+    """`layer_hook(layer_idx, layer)`, if given, runs after each layer is loaded and before the batches go through it
+    (the merger hangs a hook on the MoE block there to see its inputs in the same pass)."""
     sm = StreamedModel(ckpt, dtype=dtype)
     config, adapter = sm.config, sm.adapter
     seq_len = input_ids.shape[1]
@@ -41,6 +43,8 @@ def collect_streamed(ckpt: Checkpoint, input_ids: torch.Tensor, batch_size: int 
     stats = Statistics({}, [], len(sm.layers), adapter.num_experts(config), seq_len)
     for i in tqdm(range(len(sm.layers)), desc="layers", disable=not progress):
         layer = sm.load_layer(i)
+        if layer_hook is not None:
+            layer_hook(i, layer)
         recorder, handles = attach_recorders(adapter, layer, i, config)
         hidden_rec = HiddenRecorder(config.hidden_size, seq_len)
         for b in range(len(hidden)):

@@ -51,7 +51,7 @@ def nll_sum(logits: torch.Tensor, windows: torch.Tensor) -> tuple[float, int]:
 
 
 @torch.no_grad()
-def perplexity_streamed(ckpt: Checkpoint, windows: torch.Tensor, batch_size: int = 8,
+def perplexity_streamed(ckpt: Checkpoint, windows: torch.Tensor, batch_size: int = 16,
                         layer_hook: Callable | None = None, progress: bool = True, model: StreamedModel | None = None,
                         dtype: torch.dtype = torch.float32) -> dict:
     sm = model or StreamedModel(ckpt, dtype=dtype)
@@ -70,8 +70,9 @@ def perplexity_streamed(ckpt: Checkpoint, windows: torch.Tensor, batch_size: int
         sm.free_layer(i)
     total, count = 0.0, 0
     for h, batch in zip(hidden, batches):
-        s, n = nll_sum(sm.logits(h), batch)
-        total, count = total + s, count + n
+        for j in range(batch.shape[0]):  # one window of logits at a time: [L, vocab] can be large
+            s, n = nll_sum(sm.logits(h[j : j + 1]), batch[j : j + 1])
+            total, count = total + s, count + n
     return {"ppl": math.exp(total / count), "nll": total / count, "tokens": count, "windows": windows.shape[0],
             "seqlen": windows.shape[1]}
 

@@ -1,0 +1,115 @@
+"""`se-compress compress --recipe NAME`: detection once, the recipe's stages in order, the checkpoint written
+atomically, then evaluation beside the base model and the naive twin(s).
+
+Kill-safety: every stage writes into a hidden work folder next to the output (`.<out>.work/`), and only the
+finished result is renamed to the output name. A re-run after a kill starts clean; an existing output is
+refused unless --force; the input model is never written to.
+"""
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+from .detect import detect, write_report
+from .detect.rule import Criterion
+from .errors import SECompressError
+from .export.writer import check_output_path
+from .models.checkpoint import resolve_model
+from .recipe import Recipe, load_recipe
+
+CHECKPOINTS = Path("checkpoints")
+
+
+def model_label(model: str) -> str:
+    return "default" if model == "default" else Path(str(model).rstrip("/")).name.replace("/", "--")
+
+
+def default_output(model: str, recipe: Recipe) -> Path:
+    return CHECKPOINTS / f"{model_label(model)}-{recipe.name}"
+
+
+def se_report_for(model: str, recipe: Recipe, progress: bool = True) -> dict:
+    """One detection pass per (model, detect options), cached so naive twins and later stages reuse it."""
+    d = recipe.detect
+    path = resolve_model(model)
+    weights_mtime = max(f.stat().st_mtime for f in path.glob("*.safetensors"))
+    key = hashlib.sha1(json.dumps([str(path.resolve()), weights_mtime, d.model_dump()], sort_keys=True).encode()).hexdigest()[:12]
+    cache = CHECKPOINTS / ".se-reports" / f"{model_label(model)}-{key}" / "se_report.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    report = detect(model, calib=d.calib, samples=d.samples, seqlen=d.seqlen, seed=d.seed,
+                    criterion=Criterion(d.quantile, d.max_fraction, d.layers), progress=progress)
+    write_report(report, cache.parent)
+    return report
+
+
+def run_stage(stage, current: str, out: Path, se_report: dict, recipe: Recipe, progress: bool) -> str:
+    """Run one stage on checkpoint `current`, writing to `out`; returns the new current checkpoint."""
+    d, o = recipe.detect, stage.options
+    calib = dict(calib=d.calib, samples=d.samples, seqlen=d.seqlen, seed=d.seed)
+    if stage.kind == "prune":
+        from .prune import prune_model
+
+        prune_model(current, out, fraction=o.fraction, keep=o.keep, criterion=o.criterion, se_policy=o.se_policy,
+                    se_report=se_report, progress=progress, **calib)
+    elif stage.kind == "merge":
+        from .merge import merge_model
+
+        merge_model(current, out, fraction=o.fraction, keep=o.keep, se_policy=o.se_policy, se_report=se_report,
+                    progress=progress, **calib)
+    elif stage.kind == "quantize":
+        from .quant import quantize_model
+
+        quantize_model(current, out, method=o.method, bits=o.bits, group_size=o.group_size, symmetric=o.symmetric,
+                       se_policy=tuple(o.se_policy), output_format=o.output_format, clip_search=o.clip_search,
+                       act_order=o.act_order, quantize_attention=o.quantize_attention, layer_bits=o.layer_bits,
+                       se_report=se_report, progress=progress, **calib)
+    elif stage.kind == "zero":
+        from .prune import zero_experts_model
+
+        zero_experts_model(current, out, o.experts, se_report=se_report, seed=d.seed)
+    elif stage.kind == "ablate":
+        from .eval.ablation import ablate, write_ablation
+
+        result = ablate(current, se_report=se_report, draws=o.draws, seed=d.seed, max_windows=o.max_windows,
+                        progress=progress)
+        write_ablation(result, out)
+        return current  # the model is unchanged; the study is the output
+    return str(out)
+
+
+def compress(recipe_name: str, model: str | None = None, out: str | None = None, force: bool = False,
+             progress: bool = True) -> Path:
+    recipe = load_recipe(recipe_name)
+    model = model or recipe.model or "default"
+    src = resolve_model(model)
+    out = Path(out) if out else default_output(model, recipe)
+    check_output_path(src, out, force)
+    work = out.parent / f".{out.name}.work"
+    shutil.rmtree(work, ignore_errors=True)  # leftovers of a killed run
+    work.mkdir(parents=True)
+    start = time.time()
+    try:
+        se_report = se_report_for(model, recipe, progress)
+        current = model
+        final = work / "result"
+        for i, stage in enumerate(recipe.stages):
+            if i > 0 and recipe.stages[i - 1].kind in ("prune", "merge"):
+                # Expert numbers changed: find the SEs again in the smaller model.
+                se_report = detect(current, calib=recipe.detect.calib, samples=recipe.detect.samples,
+                                   seqlen=recipe.detect.seqlen, seed=recipe.detect.seed, progress=progress)
+            stage_out = final if i == len(recipe.stages) - 1 else work / f"stage{i}-{stage.kind}"
+            if progress:
+                print(f"[{recipe.name}] stage {i + 1}/{len(recipe.stages)}: {stage.kind} {stage.options.model_dump(exclude_none=True)}", flush=True)
+            current = run_stage(stage, current, stage_out, se_report, recipe, progress)
+        final.mkdir(exist_ok=True)
+        write_report(se_report, final)
+        (final / "recipe.json").write_text(json.dumps({"recipe": recipe.model_dump(), "model": model,
+                                                        "seconds": round(time.time() - start, 1)}, indent=2))
+        if out.exists():  # only with --force (checked above)
+            shutil.rmtree(out)
+        final.rename(out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
