@@ -34,12 +34,8 @@ def collect_streamed(ckpt: Checkpoint, input_ids: torch.Tensor, batch_size: int 
     sm = StreamedModel(ckpt, dtype=dtype)
     config, adapter = sm.config, sm.adapter
     seq_len = input_ids.shape[1]
-    hidden, layer_args, bases = [], [], []
-    for start, batch in _batches(input_ids, batch_size):
-        h, args = sm.embed_and_layer_kwargs(batch)
-        hidden.append(h)
-        layer_args.append(args)
-        bases.append(start * seq_len)
+    batches, hidden, layer_args = sm.embed_batches(input_ids, batch_size)
+    bases = [b * batch_size * seq_len for b in range(len(batches))]  # global index of each batch's first token
     stats = Statistics({}, [], len(sm.layers), adapter.num_experts(config), seq_len)
     for i in tqdm(range(len(sm.layers)), desc="layers", disable=not progress):
         layer = sm.load_layer(i)

@@ -55,12 +55,7 @@ def perplexity_streamed(ckpt: Checkpoint, windows: torch.Tensor, batch_size: int
                         layer_hook: Callable | None = None, progress: bool = True, model: StreamedModel | None = None,
                         dtype: torch.dtype = torch.float32) -> dict:
     sm = model or StreamedModel(ckpt, dtype=dtype)
-    batches = [windows[i : i + batch_size] for i in range(0, windows.shape[0], batch_size)]
-    hidden, layer_args = [], []
-    for batch in batches:
-        h, args = sm.embed_and_layer_kwargs(batch)
-        hidden.append(h)
-        layer_args.append(args)
+    batches, hidden, layer_args = sm.embed_batches(windows, batch_size)
     for i in tqdm(range(len(sm.layers)), desc="ppl layers", disable=not progress):
         layer = sm.load_layer(i)
         if layer_hook is not None:

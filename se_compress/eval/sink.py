@@ -17,12 +17,7 @@ def first_token_attention(ckpt: Checkpoint, windows: torch.Tensor, layer_hook: C
                           batch_size: int = 4) -> list[list[float]]:
     """Per layer, per head: mean attention on key 0 over queries t >= 1 and all windows."""
     sm = StreamedModel(ckpt, attn_implementation="eager")
-    batches = [windows[i : i + batch_size] for i in range(0, windows.shape[0], batch_size)]
-    hidden, layer_args = [], []
-    for batch in batches:
-        h, args = sm.embed_and_layer_kwargs(batch)
-        hidden.append(h)
-        layer_args.append(args)
+    batches, hidden, layer_args = sm.embed_batches(windows, batch_size)
     per_layer = []
     for i in range(len(sm.layers)):
         layer = sm.load_layer(i)

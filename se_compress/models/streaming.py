@@ -132,6 +132,16 @@ class StreamedModel:
         per_layer = [(c.captured[1], c.captured[2]) for c in catchers]
         return hidden, per_layer
 
+    def embed_batches(self, input_ids: torch.Tensor, batch_size: int):
+        """Split [N, L] ids into batches; returns (batches, hidden per batch, layer kwargs per batch)."""
+        batches = [input_ids[i : i + batch_size] for i in range(0, input_ids.shape[0], batch_size)]
+        hidden, layer_args = [], []
+        for batch in batches:
+            h, args = self.embed_and_layer_kwargs(batch)
+            hidden.append(h)
+            layer_args.append(args)
+        return batches, hidden, layer_args
+
     @torch.no_grad()
     def run_layer(self, idx: int, hidden: torch.Tensor, layer_args) -> torch.Tensor:
         args, kwargs = layer_args
