@@ -28,3 +28,39 @@ train-default:  ## retrain the shipped default model (about 90 minutes on 2 CPU 
 
 bench-detect-memory:  ## peak RSS of streamed detection vs depth
 	$(PYTHON) bench/detect_memory.py
+
+FRACTION ?= 0.25
+
+.PHONY: prune merge bench-prune-merge
+
+prune:  ## remove FRACTION of MODEL's routed experts by REAP, never a Super Expert
+	se-compress prune $(MODEL) --fraction $(FRACTION) --criterion reap --se-policy protect --calib $(CALIB) $(if $(OUT),--out $(OUT),)
+
+merge:  ## merge MODEL's routed experts down by FRACTION (output similarity), Super Experts kept alone
+	se-compress merge $(MODEL) --fraction $(FRACTION) --se-policy singleton --calib $(CALIB) $(if $(OUT),--out $(OUT),)
+
+bench-prune-merge:  ## ppl after pruning/merging 25% and 50% of experts, each criterion x SE policy
+	$(PYTHON) bench/prune_merge.py --model $(MODEL)
+
+BITS ?= 4
+METHOD ?= gptq
+SE_POLICY ?= noclip,calib
+
+.PHONY: quantize bench-quant
+
+quantize:  ## RTN/GPTQ int BITS (g128) of MODEL with SE_POLICY; compressed-tensors output
+	se-compress quantize $(MODEL) --method $(METHOD) --bits $(BITS) --group-size 128 --se-policy $(SE_POLICY) --calib $(CALIB) $(if $(OUT),--out $(OUT),)
+
+bench-quant:  ## ppl/size/time: bf16, W4/W3/W2 RTN+GPTQ x SE policy, and GPTQModel 7.6.0 (own venv)
+	$(PYTHON) bench/quant.py --model $(MODEL)
+
+TASKS ?=
+LIMIT ?=
+
+.PHONY: eval push
+
+eval:  ## evaluate MODEL: WikiText-2 ppl, lm-eval tasks (shipped copies offline), attention sink, repetition [TASKS=a,b LIMIT=N]
+	se-compress eval $(MODEL) $(if $(TASKS),--tasks $(TASKS),) $(if $(LIMIT),--limit $(LIMIT),) $(if $(OUT),--out $(OUT),)
+
+push:  ## write the model card and upload CHECKPOINT to the Hub as REPO_ID (token: HF_TOKEN or `hf auth login`) [DRY_RUN=1]
+	se-compress push $(CHECKPOINT) --repo-id $(REPO_ID) $(if $(DRY_RUN),--dry-run,)

@@ -95,6 +95,13 @@ def cmd_train_default(args):
     train_main(args.train_args)
 
 
+def cmd_compress(args):
+    from .driver import compress
+
+    out = compress(args.recipe, model=args.model, out=args.out, force=args.force)
+    print(f"checkpoint: {out}")
+
+
 def _read_json(path):
     try:
         return json.loads(Path(path).read_text())
@@ -102,6 +109,115 @@ def _read_json(path):
         raise SECompressError(f"file not found: {path}") from None
     except ValueError:
         raise SECompressError(f"{path} is not valid JSON: pass the se_report.json written by se-compress detect") from None
+
+
+def _parse_group_size(text):
+    if text in ("0", "channel", "per-channel", "-1"):
+        return 0
+    if not text.isdigit():
+        raise SECompressError(f"--group-size must be a number like 128, or 'channel' (got '{text}')")
+    return int(text)
+
+
+def cmd_quantize(args):
+    from .quant import quantize_model
+
+    se_report = None
+    if args.se_report:
+        path = Path(args.se_report)
+        se_report = _read_json(path / "se_report.json" if path.is_dir() else path)
+    out = Path(args.out or f"checkpoints/{Path(args.model).name or 'model'}-w{args.bits}-{args.method}")
+    result = quantize_model(
+        args.model, out, method=args.method, bits=args.bits, group_size=_parse_group_size(args.group_size),
+        symmetric=not args.asymmetric, se_policy=args.se_policy, output_format=args.format,
+        clip_search=args.clip_search, act_order=args.act_order, quantize_attention=not args.keep_attention,
+        layer_bits=args.layer_bits, se_report=se_report, calib=args.calib, samples=args.samples, seqlen=args.seqlen,
+        seed=args.seed, force=args.force, batch_size=args.batch_size, expert_calibration=args.expert_calibration,
+        allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+    report = json.loads((result / "compression_report.json").read_text())
+    load = report["loading"]
+    print(f"{report['method']} int{report['bits']} ({report['output_format']}), SE policy {'+'.join(report['se_policy'])}: "
+          f"{report['size_bytes'] / 2**20:.1f} MiB (input {report['source_size_bytes'] / 2**20:.1f} MiB), "
+          f"{report['seconds']:.0f} s")
+    print(f"loads in transformers: {load['transformers']}; vLLM: {load['vllm']}")
+    for note in report["notes"] + report["warnings"][:5]:
+        print(f"note: {note}")
+    print(f"written: {result} (compression_report.json, README.md)")
+
+
+def _size_label(args):
+    return f"f{args.fraction:g}" if args.fraction is not None else f"k{args.keep}"
+
+
+def _print_compression(result, method):
+    report = json.loads((result / "compression_report.json").read_text())
+    ses = ", ".join(f"({s['layer']},{s['expert']})" for s in report.get("super_experts", [])) or "none"
+    lost = report.get("super_experts_removed", report.get("super_experts_merged", []))
+    print(f"{method}: {report['experts_before']} -> {report['experts_after']} routed experts per MoE layer; "
+          f"Super Experts {ses}; {'removed' if method == 'prune' else 'merged with others'}: "
+          f"{', '.join('({layer},{expert})'.format(**x) for x in lost) or 'none'}")
+    print(f"written: {result} (compression_report.json, README.md)")
+
+
+def cmd_prune(args):
+    from .prune import prune_model, zero_experts_model
+    from .prune.common import read_se_report
+
+    se_report = read_se_report(args.se_report) if args.se_report else None
+    common = dict(se_report=se_report, calib=args.calib, samples=args.samples, seqlen=args.seqlen, seed=args.seed,
+                  force=args.force, batch_size=args.batch_size, allow_pickle=args.allow_pickle,
+                  trust_remote_code=args.trust_remote_code)
+    name = Path(args.model).name or "model"
+    if args.zero:
+        if args.fraction is not None or args.keep is not None:
+            raise SECompressError("--zero keeps every expert (it zeroes down_proj): leave out --fraction/--keep")
+        out = Path(args.out or f"checkpoints/{name}-zero")
+        result = zero_experts_model(args.model, out, args.zero, **common)
+        zeroed = json.loads((result / "compression_report.json").read_text())["zeroed"]
+        print(f"zeroed the down_proj of {len(zeroed)} experts: "
+              + ", ".join(f"({z['layer']},{z['expert']})" for z in zeroed[:20]) + (" ..." if len(zeroed) > 20 else ""))
+        print(f"written: {result} (compression_report.json, README.md)")
+        return
+    out = Path(args.out or f"checkpoints/{name}-prune-{args.criterion}-{args.se_policy}-{_size_label(args)}")
+    result = prune_model(args.model, out, fraction=args.fraction, keep=args.keep, criterion=args.criterion,
+                         se_policy=args.se_policy, **common)
+    _print_compression(result, "prune")
+
+
+def cmd_merge(args):
+    from .merge import merge_model
+    from .prune.common import read_se_report
+
+    se_report = read_se_report(args.se_report) if args.se_report else None
+    out = Path(args.out or f"checkpoints/{Path(args.model).name or 'model'}-merge-{args.se_policy}-{_size_label(args)}")
+    result = merge_model(args.model, out, fraction=args.fraction, keep=args.keep, se_policy=args.se_policy,
+                         se_report=se_report, router_rows=args.router_rows, similarity=args.similarity,
+                         max_cluster_size=args.max_cluster_size, similarity_tokens=args.similarity_tokens,
+                         calib=args.calib, samples=args.samples, seqlen=args.seqlen, seed=args.seed, force=args.force,
+                         batch_size=args.batch_size, allow_pickle=args.allow_pickle,
+                         trust_remote_code=args.trust_remote_code)
+    _print_compression(result, "merge")
+
+
+def cmd_eval(args):
+    from .eval.run import evaluate_checkpoint, read_eval
+
+    baseline = read_eval(args.baseline) if args.baseline else None
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    evaluate_checkpoint(args.model, args.tasks, args.limit, Path(args.out) if args.out else None, seqlen=args.seqlen,
+                        max_windows=args.max_windows, batch_size=args.batch_size, task_source=args.task_source,
+                        baseline=baseline, label=args.label, allow_pickle=args.allow_pickle,
+                        trust_remote_code=args.trust_remote_code)
+
+
+def cmd_push(args):
+    from .publish import push_checkpoint
+
+    push_checkpoint(args.checkpoint, args.repo_id, private=args.private, dry_run=args.dry_run,
+                    token_env=args.token_env, eval_file=args.eval, base_model=args.base_model, license=args.license)
 
 
 def build_parser():
@@ -134,11 +250,125 @@ def build_parser():
     _criterion_args(p)
     p.set_defaults(func=cmd_ablate)
 
+    p = sub.add_parser("compress", help="run a recipe: detect, compress, write, evaluate against the naive twin",
+                       description="Run a recipe from recipes/ (or a YAML file): one detection pass, the stages in order, "
+                                   "the checkpoint written atomically, then evaluation beside the base model and the "
+                                   "recipe's naive baselines.")
+    p.add_argument("--recipe", required=True, help="recipe name in recipes/ or a path to a YAML file")
+    p.add_argument("--model", default=None, help="checkpoint folder, Hub id or 'default' (default: the recipe's, else the shipped model)")
+    p.add_argument("--out", default=None, help="output folder (default checkpoints/<model>-<recipe>)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=cmd_compress)
+
     p = sub.add_parser("train-default", help="retrain the shipped default model (hours on 2 CPU cores)",
                        description="Arguments after train-default go to the trainer; see "
                                    "`se-compress train-default -- --help`.")
     p.add_argument("train_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_train_default)
+
+    p = sub.add_parser("quantize", help="RTN/GPTQ int2/3/4/8 with Super Expert policies; compressed-tensors output",
+                       description="Quantize the model one decoder layer at a time (GPTQ: inputs of each layer from the "
+                                   "already quantized layers). Routers, shared-expert gates, embeddings and lm_head stay "
+                                   "unquantized. Writes the checkpoint, compression_report.json and a model card.")
+    _model_args(p)
+    p.add_argument("--out", help="output folder (default checkpoints/<model>-w<bits>-<method>)")
+    p.add_argument("--method", choices=["rtn", "gptq"], default="gptq")
+    p.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8])
+    p.add_argument("--group-size", default="128", help="weights per scale: 32, 64, 128..., or 'channel' (one per row)")
+    p.add_argument("--asymmetric", action="store_true", help="asymmetric ranges with zero points (fake-quant only for experts)")
+    p.add_argument("--se-policy", default="noclip,calib",
+                   help="comma list of noclip, calib, layer, keep; or none (naive). See `compression_report.json`")
+    p.add_argument("--layer-bits", type=int, default=None, help="bits of the experts of SE layers for --se-policy layer (default 8; 16 = bf16)")
+    p.add_argument("--format", choices=["pack-quantized", "fake-quant"], default="pack-quantized",
+                   help="compressed-tensors packed ints (vLLM, transformers) or dequantized weights (evaluation)")
+    p.add_argument("--clip-search", action="store_true", help="MSE grid search of clip ratios per group (never on SE experts with noclip)")
+    p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns in decreasing Hessian diagonal order")
+    p.add_argument("--keep-attention", action="store_true", help="leave attention unquantized")
+    p.add_argument("--expert-calibration", choices=["all", "routed"], default="all",
+                   help="GPTQ expert Hessians from every token (all) or the routed tokens only (RTN below 0.5%% coverage)")
+    p.add_argument("--se-report", help="se_report.json (or its folder) from se-compress detect; default: detect first")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    _calib_args(p)
+    p.set_defaults(func=cmd_quantize)
+    p = sub.add_parser("prune", help="remove routed experts (same count per layer), never a Super Expert; or --zero",
+                       description="Remove --fraction or --keep routed experts per MoE layer by a saliency criterion "
+                                   "measured with real routing; --se-policy protect never removes a Super Expert. "
+                                   "Writes a smaller standard checkpoint (renumbered experts, sliced router, config "
+                                   "updated), compression_report.json and a model card. --zero instead zeroes the "
+                                   "down_proj of the given experts and keeps every shape (the SE paper's ablation).")
+    _model_args(p)
+    p.add_argument("--out", help="output folder (default checkpoints/<model>-prune-<criterion>-<policy>-<size>)")
+    p.add_argument("--fraction", type=float, help="share of the routed experts removed from each MoE layer, e.g. 0.25")
+    p.add_argument("--keep", type=int, help="routed experts kept per MoE layer")
+    p.add_argument("--criterion", default="reap", help="frequency (routing count), reap (routing weight x output norm, "
+                   "mean over routed tokens), ean (summed output norm) or random (seeded)")
+    p.add_argument("--se-policy", default="protect", help="protect (never remove a Super Expert) or none (naive)")
+    p.add_argument("--zero", help="instead of pruning: zero down_proj of L:E,... (E may be 'shared'), 'se' or 'random:K'")
+    p.add_argument("--se-report", help="se_report.json (or its folder): its SEs and per-expert statistics; no calibration pass")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    _calib_args(p)
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("merge", help="merge routed experts by output similarity into fewer; SEs stay alone",
+                       description="Cluster each MoE layer's experts by the similarity of their outputs on calibration "
+                                   "tokens (average linkage) down to --fraction/--keep, merge each cluster's weights "
+                                   "and router rows weighted by routing frequency. --se-policy singleton keeps each "
+                                   "Super Expert alone. Writes a smaller standard checkpoint.")
+    _model_args(p)
+    p.add_argument("--out", help="output folder (default checkpoints/<model>-merge-<policy>-<size>)")
+    p.add_argument("--fraction", type=float, help="share of the routed experts merged away in each MoE layer, e.g. 0.25")
+    p.add_argument("--keep", type=int, help="routed experts per MoE layer after merging")
+    p.add_argument("--se-policy", default="singleton", help="singleton (each Super Expert its own cluster) or none (naive)")
+    p.add_argument("--router-rows", default="frequency",
+                   help="merged router row: frequency (routing-frequency-weighted mean of the rows) or dominant "
+                        "(row of the most used member)")
+    p.add_argument("--similarity", default="mean", help="mean (cosine of mean expert outputs, HC-SMoE) or outputs "
+                   "(cosine of the outputs on the same tokens)")
+    p.add_argument("--max-cluster-size", type=int, default=None,
+                   help="largest cluster (default: balanced, ceil(experts / clusters); 0: no limit)")
+    p.add_argument("--similarity-tokens", type=int, default=512, help="calibration tokens per layer for the similarity")
+    p.add_argument("--se-report", help="se_report.json (or its folder) whose SE set to use (the pass still runs)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    _calib_args(p)
+    p.set_defaults(func=cmd_merge)
+    p = sub.add_parser("eval", help="perplexity, lm-eval tasks (offline copies shipped), attention sink, repetition",
+                       description="WikiText-2 perplexity (GPTQ convention, streamed), lm-eval-harness tasks through its "
+                                   "Python API (ARC-Easy/Challenge, PIQA, WinoGrande, a GSM8K subset: shipped data, no "
+                                   "network; other lm-eval task names need the Hub), attention on the first token per "
+                                   "layer, and the repetition rate of greedy generations. No chat template. Writes "
+                                   "eval.json and eval.md.")
+    _model_args(p)
+    p.add_argument("--tasks", default=None,
+                   help="comma list (default wikitext2,arc_easy,arc_challenge,piqa,winogrande,gsm8k,sink,repetition)")
+    p.add_argument("--limit", type=int, default=None, help="at most N examples per lm-eval task (quick runs)")
+    p.add_argument("--out", help="folder for eval.json/eval.md (default <checkpoint>/eval, checkpoints/default-eval)")
+    p.add_argument("--seqlen", type=int, default=None, help="perplexity window (default: the model's context, at most 2048)")
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N perplexity windows")
+    p.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size")
+    p.add_argument("--task-source", choices=["auto", "local", "hub"], default="auto",
+                   help="arc/piqa/winogrande/gsm8k from the shipped copies (local), lm-eval's Hub datasets (hub), or "
+                        "the Hub when it answers, else the shipped copies (auto)")
+    p.add_argument("--baseline", help="eval.json (or its folder) of the model this one was made from: adds D_sink")
+    p.add_argument("--label", help="name of this model in tables (default: the folder name)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (on a machine busy with other jobs, 1 can be many times faster)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("push", help="write the model card, then upload the checkpoint to the Hugging Face Hub",
+                       description="Writes README.md (Hub metadata: base_model, base_model_relation for quantized "
+                                   "models, library_name, tags, the base model's license; the compression and SE "
+                                   "reports, evaluation against the base and the naive twin, how to load it) into the "
+                                   "checkpoint folder, then uploads exactly the folder's files with huggingface_hub. "
+                                   "The token is read from --token-env or the HF cache and never printed.")
+    p.add_argument("checkpoint", help="local checkpoint folder")
+    p.add_argument("--repo-id", required=True, help="ORG/NAME of the Hub model repo (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repo private (an existing repo keeps its visibility)")
+    p.add_argument("--dry-run", action="store_true", help="write the card and list the files; upload nothing")
+    p.add_argument("--token-env", default="HF_TOKEN", help="environment variable holding the token (else the HF cache)")
+    p.add_argument("--eval", help="eval.json or compare.json for the card (default: found next to the checkpoint)")
+    p.add_argument("--base-model", help="Hub id of the base model (default: from compression_report.json)")
+    p.add_argument("--license", help="license id for the card (default: copied from the base model's card)")
+    p.set_defaults(func=cmd_push)
     return parser
 
 
