@@ -25,17 +25,21 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def short_slice_ppl(model_dir: Path) -> float:
+def wikitext2_ppl(model_dir: Path, max_windows: int | None = CHECK_WINDOWS) -> dict:
     from ..detect import load_tokenizer
     from ..eval.perplexity import eval_windows, perplexity_streamed, wikitext2_test_text
     from ..models.checkpoint import Checkpoint
 
     ckpt = Checkpoint(model_dir)
-    windows = eval_windows(load_tokenizer(model_dir), wikitext2_test_text(), 256, CHECK_WINDOWS)
-    return perplexity_streamed(ckpt, windows, progress=False)["ppl"]
+    windows = eval_windows(load_tokenizer(model_dir), wikitext2_test_text(), 256, max_windows)
+    return perplexity_streamed(ckpt, windows, progress=False)
 
 
-def model_card(training: dict, se_report: dict, ablation: dict, natural: dict | None, full_ppl: float) -> str:
+def short_slice_ppl(model_dir: Path) -> float:
+    return wikitext2_ppl(model_dir)["ppl"]
+
+
+def model_card(training: dict, se_report: dict, ablation: dict, natural: dict | None, full: dict) -> str:
     from ..eval.ablation import ablation_markdown
 
     plant = training["plant"]
@@ -67,8 +71,9 @@ def model_card(training: dict, se_report: dict, ablation: dict, natural: dict | 
         "warmup and cosine decay, weight decay 0.1, clip 1.0, router aux loss 0.01, fp32; experts computed with "
         "transformers' `grouped_mm` (1.4x faster than the eager loop here). Seed 0; "
         "`make train-default` reproduces it.",
-        f"- WikiText-2 raw test perplexity ({ablation['eval']['windows']} windows of {ablation['eval']['seqlen']}, "
-        f"each `<s>` + 255 tokens): **{full_ppl:.2f}**.",
+        f"- WikiText-2 raw test perplexity (all {full['windows']} windows of {full['seqlen']}, each `<s>` + 255 "
+        f"tokens, {full['tokens']:,} predicted tokens): **{full['ppl']:.2f}** (lower is better; books-only "
+        "training makes Wikipedia text out of domain).",
         "",
         "## How its Super Experts came about: seeded, openly",
         "",
@@ -92,7 +97,21 @@ def model_card(training: dict, se_report: dict, ablation: dict, natural: dict | 
     if natural:
         lines += ["", "The same training without the plant (same seed and data) was measured too: "
                   + natural["summary"]]
-    lines += ["", "## Ablation (`se-compress ablate default`)", "", ablation_markdown(ablation).split("\n", 2)[2]]
+    ratio = ablation["se_ppl"] / ablation["base_ppl"]
+    random_ratio = sum(ablation["random_ppl"]) / len(ablation["random_ppl"]) / ablation["base_ppl"]
+    sink = ablation["sink_attention"]
+    halved = sum(1 for b, a in zip(sink["base"][2:], sink["se_zeroed"][2:]) if a < b / 2)
+    lines += ["", f"## Ablation (`se-compress ablate default --max-windows {ablation['eval']['windows']}`)", "",
+              f"Zeroing the Super Experts collapses the attention sinks they create: attention on the first token falls "
+              f"by more than half in {halved} of the {len(sink['base']) - 2} layers after layer 1 (D_sink up to "
+              f"{max(sink['d_sink_se']):.2f}), while random experts move nothing. Perplexity changes x{ratio:.2f} "
+              f"(random experts: x{random_ratio:.3f} on average)."]
+    if ratio < 1.5:
+        lines += ["", "**What this model does not show (yet):** unlike Qwen3-30B-A3B (8.70 -> 59.86), its quality does "
+                  "not depend on its Super Experts: it learned to work around the massive activation rather than "
+                  "through it. Use it to check detection, sinks and the mechanics of compression; do not read its "
+                  "perplexities as evidence that SE protection matters."]
+    lines += ["", ablation_markdown(ablation).split("\n", 2)[2]]
     return "\n".join(lines) + "\n"
 
 
@@ -117,11 +136,12 @@ def main(argv=None):
     slim_report = {k: v for k, v in se_report.items() if k not in ("experts",)}
     (WEIGHTS / "se_report.json").write_text(json.dumps(slim_report, indent=2))
     (WEIGHTS / "ablation.json").write_text(json.dumps(ablation, indent=2))
-    (WEIGHTS / "README.md").write_text(model_card(training, se_report, ablation, natural, ablation["base_ppl"]))
+    full = wikitext2_ppl(WEIGHTS, max_windows=None)
+    (WEIGHTS / "README.md").write_text(model_card(training, se_report, ablation, natural, full))
     checksums = {name: sha256(WEIGHTS / name) for name in SHIPPED_FILES}
     (HERE / "checksums.json").write_text(json.dumps(checksums, indent=2))
     expected = {"wikitext2_test_windows": CHECK_WINDOWS, "seqlen": 256, "ppl": short_slice_ppl(WEIGHTS),
-                "full_test_ppl": ablation["base_ppl"],
+                "full_test_ppl": full["ppl"], "full_test_windows": full["windows"],
                 "super_experts": [[s["layer"], s["expert"]] for s in se_report["super_experts"]]}
     (HERE / "expected.json").write_text(json.dumps(expected, indent=2))
     print(json.dumps(expected, indent=2))

@@ -67,14 +67,17 @@ def write_plots(report: dict, out: Path) -> list[str]:
     grid = np.full((num_layers, width), np.nan)
     for e in report["experts"]:
         col = num_experts if e["expert"] == "shared" else e["expert"]
-        grid[e["layer"], col] = max(e["max_output"], 1e-6)
+        if e["count"] > 0:  # experts no token reached stay NaN: drawn grey, kept out of the colour scale
+            grid[e["layer"], col] = max(e["max_output"], 1e-6)
     fig, ax = plt.subplots(figsize=(min(18, 4 + width * 0.12), min(12, 2 + num_layers * 0.3)))
-    im = ax.imshow(np.log10(grid), aspect="auto", cmap="viridis", interpolation="nearest")
+    cmap = matplotlib.colormaps["viridis"].copy()
+    cmap.set_bad("lightgray")
+    im = ax.imshow(np.log10(grid), aspect="auto", cmap=cmap, interpolation="nearest")
     fig.colorbar(im, ax=ax, label="log10 max |down_proj output|")
     for s in report["super_experts"]:
         col = num_experts if s["expert"] == "shared" else s["expert"]
         ax.scatter([col], [s["layer"]], s=120, facecolors="none", edgecolors="red", linewidths=2)
-    ax.set_xlabel("expert" + (" (last column: shared)" if report["has_shared_expert"] else ""))
+    ax.set_xlabel("expert" + (" (last column: shared)" if report["has_shared_expert"] else "") + "; grey: no token routed")
     ax.set_ylabel("layer")
     ax.set_title(f"Max |down_proj output| per expert, {report['model']} (red: Super Experts)")
     fig.tight_layout()
