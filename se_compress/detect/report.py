@@ -70,8 +70,7 @@ def write_plots(report: dict, out: Path) -> list[str]:
         if e["count"] > 0:  # experts no token reached stay NaN: drawn grey, kept out of the colour scale
             grid[e["layer"], col] = max(e["max_output"], 1e-6)
     fig, ax = plt.subplots(figsize=(min(18, 4 + width * 0.12), min(12, 2 + num_layers * 0.3)))
-    cmap = matplotlib.colormaps["viridis"].copy()
-    cmap.set_bad("lightgray")
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgray")
     im = ax.imshow(np.log10(grid), aspect="auto", cmap=cmap, interpolation="nearest")
     fig.colorbar(im, ax=ax, label="log10 max |down_proj output|")
     for s in report["super_experts"]:
