@@ -1,0 +1,541 @@
+"""quantize_model: stream the model one decoder layer at a time, quantize it, write it.
+
+Per decoder layer (GPTQ):
+  1. attention Hessians: the calibration batches go through the layer (inputs: the outputs of the already
+     quantized previous layers); attention Linears are quantized;
+  2. MLP Hessians: the batches go through again (now through the quantized attention); the routed experts
+     through `collecting_experts_forward` (hessian.py), dense MLPs and shared experts through hooks; quantized;
+  3. the batches go through the quantized layer: the next layer's inputs.
+RTN needs no calibration data and skips all three passes. Routers, shared-expert gates, norms, embeddings and
+lm_head are never quantized.
+"""
+import copy
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import SECompressError
+from ..models.adapters import adapter_for
+from ..models.checkpoint import Checkpoint, resolve_model
+from ..models.streaming import LAYERS_PREFIX, StreamedModel
+from . import compressed_tensors as ct
+from .gptq import CholeskyFailed, gptq_quantize, prepare_hessian
+from .hessian import ExpertCollector, HessianSum, expert_weights, linear_hooks, use_collector
+from .policies import KEEP_BITS, Plan, parse_policy, super_experts_from_report, super_weight_mask, trigger_mask
+from .report import build_model_card, summarize
+from .rtn import QuantSpec, Quantized, output_error, rtn_quantize, weight_error
+
+METHODS = ("rtn", "gptq")
+FORMATS = ("pack-quantized", "fake-quant")
+BITS = (2, 3, 4, 8)
+EXPERT_CALIBRATION = ("all", "routed")
+EXPERT_CHUNK_ROWS = 1 << 15  # gate/up rows of several experts quantized in one GPTQ call (same Hessian)
+
+
+def _check_options(method, bits, group_size, output_format, layer_bits, expert_calibration, trigger_weight, samples,
+                   seqlen, policy):
+    if method not in METHODS:
+        raise SECompressError(f"unknown method '{method}': use rtn or gptq")
+    if bits not in BITS:
+        raise SECompressError(f"--bits {bits} is not supported: use 2, 3, 4 or 8")
+    if group_size is not None and (not isinstance(group_size, int) or group_size < 0):
+        raise SECompressError(f"--group-size {group_size} is not supported: use a positive size (32, 64, 128) or 0 for per-channel")
+    if output_format not in FORMATS:
+        raise SECompressError(f"unknown output format '{output_format}': use pack-quantized or fake-quant")
+    if layer_bits not in BITS + (KEEP_BITS,):
+        raise SECompressError(f"--layer-bits {layer_bits} is not supported: use 2, 3, 4, 8, or 16 (keep bf16)")
+    if "layer" in policy and layer_bits <= bits:
+        raise SECompressError(f"--layer-bits {layer_bits} is not above --bits {bits}: the layer policy needs more bits for SE layers")
+    if expert_calibration not in EXPERT_CALIBRATION:
+        raise SECompressError(f"unknown expert calibration '{expert_calibration}': use all or routed")
+    if not 0 <= trigger_weight < 1:
+        raise SECompressError(f"trigger weight {trigger_weight} must be in [0, 1)")
+    if samples < 1 or seqlen < 2:
+        raise SECompressError(f"need --samples >= 1 and --seqlen >= 2 (got {samples}, {seqlen})")
+
+
+def _layer_linears(adapter, config, layer, layer_idx, quantize_attention):
+    """{relative name: (nn.Linear, kind)} of a decoder layer; kind is attention, dense or shared."""
+    out = {}
+    attn = getattr(layer, "self_attn", None)
+    if attn is not None and quantize_attention:
+        for name, mod in attn.named_modules():
+            if isinstance(mod, nn.Linear):
+                out[f"self_attn.{name}"] = (mod, "attention")
+    if adapter.is_moe_layer(config, layer_idx):
+        shared = adapter.shared_expert(layer)
+        if shared is not None:
+            for name, mod in shared.named_modules():
+                if isinstance(mod, nn.Linear):
+                    out[f"{adapter.moe_attr}.{adapter.shared_attr}.{name}"] = (mod, "shared")
+    else:
+        mlp = getattr(layer, adapter.moe_attr)
+        for name, mod in mlp.named_modules():
+            if isinstance(mod, nn.Linear):
+                out[f"{adapter.moe_attr}.{name}"] = (mod, "dense")
+    return out
+
+
+class LayerQuantizer:
+    """Quantizes the matrices of one decoder layer in place (weights become their dequantized values)."""
+
+    def __init__(self, engine, layer_idx, layer):
+        self.e, self.i, self.layer = engine, layer_idx, layer
+        self.packed: dict[str, Quantized] = {}  # disk-name prefix -> codes (pack-quantized output)
+
+    def spec(self, bits):
+        return QuantSpec(bits, self.e.group_size, self.e.symmetric)
+
+    def quantize(self, name, W, bits, H=None, prepared=None, exact=None, noclip=False, tokens=None, expert=None,
+                 fallback_reason=None, track=None):
+        """W [O, I] float32 view in nn.Linear orientation; returns the Quantized and records the errors."""
+        e = self.e
+        spec = self.spec(bits)
+        clip = e.clip_search and not noclip
+        record = {"name": name, "layer": self.i, "bits": bits, "shape": list(W.shape)}
+        if expert is not None:
+            record["expert"] = expert
+        method = e.method
+        if method == "gptq" and prepared is None and fallback_reason is None:
+            try:
+                prepared = prepare_hessian(H, e.damp, e.act_order)
+            except CholeskyFailed:
+                fallback_reason = "Hessian not positive definite"
+        if fallback_reason:
+            method = "rtn"
+            e.warnings.append(f"{name}: {fallback_reason}; quantized with round-to-nearest instead of GPTQ")
+            record["fallback"] = fallback_reason
+        if method == "gptq":
+            qt = gptq_quantize(W, prepared, spec, e.scale_dtype, clip=clip, exact=exact)
+        else:
+            qt = rtn_quantize(W, spec, e.scale_dtype, clip=clip, exact=exact)
+        self._finish(record, W, qt, H, exact, clip, method, tokens, track)
+        return qt
+
+    def _finish(self, record, W, qt, H, exact, clip, method, tokens, track=None):
+        """Errors and super weights (`track`: the SE's super weights, protected or not) into the report."""
+        W_hat = qt.dequantize().float()
+        record.update(method=method, weight_error=weight_error(W, W_hat))
+        if tokens is not None:
+            record["tokens"] = tokens
+        if H is not None:
+            record["output_error"] = output_error(W, W_hat, H)
+            if method == "gptq":
+                rtn = rtn_quantize(W, qt.spec, self.e.scale_dtype, clip=clip, exact=exact).dequantize().float()
+                record["rtn_output_error"] = output_error(W, rtn, H)
+        track = exact if track is None else track
+        if track is not None and track.any():
+            for r, c in track.nonzero().tolist():
+                self.e.super_weights.append({"module": record["name"], "layer": self.i, "expert": record.get("expert"),
+                                             "row": r, "col": c, "value": float(W[r, c]),
+                                             "quantized": float(W_hat[r, c]),
+                                             "rel_error": abs(float(W_hat[r, c] - W[r, c])) / max(abs(float(W[r, c])), 1e-12),
+                                             "protected": exact is not None and bool(exact[r, c])})
+        self.e.modules.append(record)
+        W.copy_(W_hat)
+
+    # ----- Linear modules (attention, dense MLP, shared expert) -----
+    def linears(self, modules, sums, trigger_weight_for):
+        for rel, (mod, kind) in modules.items():
+            expert = "shared" if kind == "shared" else None
+            bits = self.e.plan.expert_bits(self.i, "shared") if kind == "shared" else self.e.bits
+            name = f"{LAYERS_PREFIX}{self.i}.{rel}"
+            if bits == KEEP_BITS:
+                self.e.modules.append({"name": name, "layer": self.i, "bits": KEEP_BITS, "kept": True, "expert": expert})
+                continue
+            exact = track = None
+            noclip = kind == "shared" and self.e.plan.noclip(self.i, "shared")
+            if kind == "shared" and self.e.plan.is_se(self.i, "shared") and rel.endswith("down_proj"):
+                track = self._super_weights(mod.weight.data, "shared")
+                exact = track if noclip else None
+            H = sums[rel].final(trigger_weight_for(kind)) if sums else None
+            qt = self.quantize(name, mod.weight.data, bits, H=H, exact=exact, noclip=noclip,
+                               tokens=sums[rel].n if sums else None, expert=expert, track=track)
+            self.packed[f"{name}."] = qt
+
+    def _super_weights(self, down, expert):
+        mask = torch.zeros(down.shape, dtype=torch.bool)
+        for channel in self.e.plan.channels(self.i, expert):
+            found = super_weight_mask(down, channel)
+            if not found.any():
+                self.e.notes.append(f"SE ({self.i},{expert}) has no super weight (no entry of its channel-{channel} "
+                                    f"down_proj row reaches 10x the matrix RMS): its outlier comes from the activation; "
+                                    f"noclip only turns clipping off for it")
+            mask |= found
+        return mask
+
+    # ----- routed experts -----
+    def experts(self, experts, collector: ExpertCollector | None):
+        e, plan = self.e, self.e.plan
+        inter = expert_weights(experts, 0)[1].shape[1]
+        tw = e.trigger_weight
+        shared_prep, batch = None, []
+        for x in range(experts.num_experts):
+            bits = plan.expert_bits(self.i, x)
+            base = f"{LAYERS_PREFIX}{self.i}.{e.adapter.moe_attr}.experts.{x}"
+            if bits == KEEP_BITS:
+                e.modules.append({"name": base, "layer": self.i, "expert": x, "bits": KEEP_BITS, "kept": True})
+                continue
+            gate_up, down = expert_weights(experts, x)
+            noclip, calib = plan.noclip(self.i, x), plan.calib(self.i, x) and collector is not None
+            track = self._super_weights(down, x) if plan.is_se(self.i, x) else None
+            exact_down = track if noclip else None
+            if collector is None:  # RTN
+                self._store(x, "gate_up", self.quantize(f"{base}.gate_up_proj", gate_up, bits, noclip=noclip, expert=x), inter)
+                self._store(x, "down", self.quantize(f"{base}.down_proj", down, bits, exact=exact_down, noclip=noclip,
+                                                     expert=x, track=track), inter)
+                continue
+            tokens = collector.tokens(x)
+            few = e.expert_calibration == "routed" and tokens < e.min_tokens
+            reason = f"only {tokens} calibration tokens routed to it (< {e.min_tokens})" if few else None
+            H_in = collector.input_hessian(x).final(tw if calib else 0.0)
+            H_down = collector.down[x].final(tw if calib else 0.0)
+            if e.expert_calibration == "all" and not calib and not noclip and not few:
+                # every such expert shares the gate/up Hessian: quantize their stacked rows in one GPTQ call
+                if shared_prep is None:
+                    try:
+                        shared_prep = prepare_hessian(H_in, e.damp, e.act_order)
+                    except CholeskyFailed:
+                        shared_prep = False
+                if shared_prep is not False:
+                    batch.append((x, gate_up, bits, H_in, tokens))
+                else:
+                    qt = self.quantize(f"{base}.gate_up_proj", gate_up, bits, H=H_in, tokens=tokens, expert=x,
+                                       fallback_reason="Hessian not positive definite")
+                    self._store(x, "gate_up", qt, inter)
+            else:
+                qt = self.quantize(f"{base}.gate_up_proj", gate_up, bits, H=H_in, noclip=noclip, tokens=tokens,
+                                   expert=x, fallback_reason=reason)
+                self._store(x, "gate_up", qt, inter)
+            qt = self.quantize(f"{base}.down_proj", down, bits, H=H_down, exact=exact_down, noclip=noclip,
+                               tokens=tokens, expert=x, fallback_reason=reason, track=track)
+            self._store(x, "down", qt, inter)
+        self._batched_gate_up(batch, shared_prep, inter)
+
+    def _batched_gate_up(self, batch, prepared, inter):
+        e = self.e
+        by_bits = {}
+        for item in batch:
+            by_bits.setdefault(item[2], []).append(item)
+        for bits, items in by_bits.items():
+            rows = items[0][1].shape[0]
+            chunk = max(1, EXPERT_CHUNK_ROWS // rows)
+            for c in range(0, len(items), chunk):
+                part = items[c: c + chunk]
+                W = torch.cat([g.float() for _, g, _, _, _ in part])
+                qt = gptq_quantize(W, prepared, self.spec(bits), e.scale_dtype, clip=e.clip_search)
+                for k, (x, gate_up, _, H, tokens) in enumerate(part):
+                    sl = slice(k * rows, (k + 1) * rows)
+                    sub = Quantized(qt.q[sl], qt.scale[sl], qt.zero[sl] if qt.zero is not None else None, qt.spec)
+                    name = f"{LAYERS_PREFIX}{self.i}.{e.adapter.moe_attr}.experts.{x}.gate_up_proj"
+                    record = {"name": name, "layer": self.i, "bits": bits, "shape": list(gate_up.shape), "expert": x}
+                    self._finish(record, gate_up, sub, H, None, e.clip_search, "gptq", tokens)
+                    self._store(x, "gate_up", sub, inter)
+
+    def _store(self, x, which, qt, inter):
+        if self.e.templates is None:
+            return
+        gate_t, up_t, down_t = self.e.templates
+        prefix = f"{LAYERS_PREFIX}{self.i}."
+        strip = lambda t: prefix + t.format(e=x)[: -len("weight")]
+        if which == "down":
+            self.packed[strip(down_t)] = qt
+            return
+        for t, sl in ((gate_t, slice(0, inter)), (up_t, slice(inter, 2 * inter))):
+            self.packed[strip(t)] = Quantized(qt.q[sl], qt.scale[sl], qt.zero[sl] if qt.zero is not None else None, qt.spec)
+
+
+class Engine:
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+        self.modules, self.super_weights, self.warnings, self.notes = [], [], [], []
+
+    def trigger_weight_for(self, kind):
+        return self.trigger_weight if kind == "shared" and self.plan.calib(self._layer, "shared") else 0.0
+
+    def run_layer(self, sm: StreamedModel, i: int, hidden, layer_args, batch_triggers):
+        self._layer = i
+        layer = sm.load_layer(i)
+        lq = LayerQuantizer(self, i, layer)
+        linears = _layer_linears(self.adapter, self.config, layer, i, self.quantize_attention)
+        attention = {k: v for k, v in linears.items() if v[1] == "attention"}
+        mlp_linears = {k: v for k, v in linears.items() if v[1] != "attention"}
+        is_moe = self.adapter.is_moe_layer(self.config, i)
+        experts = self.adapter.moe_block(layer).experts if is_moe else None
+        if self.method == "rtn":
+            lq.linears(linears, None, self.trigger_weight_for)
+            if experts is not None:
+                lq.experts(experts, None)
+            return layer, lq
+        trigger_ref = {}
+
+        def run_all(collect=True):
+            for b in range(len(hidden)):
+                trigger_ref["mask"] = batch_triggers[b].reshape(-1)
+                out = sm.run_layer(i, hidden[b], layer_args[b][i])
+                if not collect:
+                    hidden[b] = out
+
+        if attention:
+            sums = {k: HessianSum(m.in_features) for k, (m, _) in attention.items()}
+            handles = linear_hooks({k: m for k, (m, _) in attention.items()}, sums, trigger_ref)
+            try:
+                run_all()
+            finally:
+                for h in handles:
+                    h.remove()
+            lq.linears(attention, sums, self.trigger_weight_for)
+        track = lambda kind: kind == "shared" and self.plan.calib(i, "shared")
+        sums = {k: HessianSum(m.in_features, track(kind)) for k, (m, kind) in mlp_linears.items()}
+        handles = linear_hooks({k: m for k, (m, _) in mlp_linears.items()}, sums, trigger_ref)
+        collector = None
+        try:
+            if experts is not None:
+                calib_experts = {x for x in range(experts.num_experts) if self.plan.calib(i, x)}
+                collector = ExpertCollector(experts, self.expert_calibration, calib_experts, trigger_ref)
+                with use_collector(experts, collector):
+                    run_all()
+            else:
+                run_all()
+        finally:
+            for h in handles:
+                h.remove()
+        lq.linears(mlp_linears, sums, self.trigger_weight_for)
+        if experts is not None:
+            lq.experts(experts, collector)
+            self.expert_tokens[i] = collector.count.tolist()
+        run_all(collect=False)  # the quantized layer's outputs: the next layer's inputs
+        return layer, lq
+
+    def write_layer(self, writer, i, layer, lq):
+        prefix = f"{LAYERS_PREFIX}{i}."
+        if self.output_format == "fake-quant":
+            writer.add_module(prefix[:-1], layer)
+            return
+        packed_linear = {p[len(prefix):] + "weight" for p in lq.packed if ".experts." not in p[len(prefix):]}
+        for name, tensor in layer.state_dict().items():
+            if name in packed_linear:
+                continue
+            if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                self._write_kept_experts(writer, i, name, tensor)
+                continue
+            writer.add(prefix + name, tensor)
+        for disk_prefix, qt in lq.packed.items():
+            for key, value in ct.packed_tensors(disk_prefix, qt).items():
+                writer.add(key, value)
+
+    def _write_kept_experts(self, writer, i, name, tensor):
+        """Per-expert .weight keys of the experts that stay bf16 (layer_bits 16); the quantized ones are packed."""
+        gate_t, up_t, down_t = self.templates
+        prefix = f"{LAYERS_PREFIX}{i}."
+        inter = tensor.shape[1] // 2 if name.endswith("gate_up_proj") else tensor.shape[2]
+        for x in range(tensor.shape[0]):
+            if self.plan.expert_bits(i, x) != KEEP_BITS:
+                continue
+            if name.endswith("gate_up_proj"):
+                writer.add(prefix + gate_t.format(e=x), tensor[x, :inter])
+                writer.add(prefix + up_t.format(e=x), tensor[x, inter:])
+            else:
+                writer.add(prefix + down_t.format(e=x), tensor[x])
+
+
+def _disk_templates(ckpt, adapter, config):
+    """The per-expert on-disk key templates (gate, up, down) of this checkpoint, or None (fused on disk)."""
+    from ..models.streaming import _expert_templates
+
+    first = next((i for i in range(config.num_hidden_layers) if adapter.is_moe_layer(config, i)), None)
+    for gate_t, up_t, down_t in _expert_templates(adapter) if adapter.disk_expert_keys else []:
+        if first is not None and f"{LAYERS_PREFIX}{first}." + gate_t.format(e=0) in ckpt:
+            return gate_t, up_t, down_t
+    return None
+
+
+def _pack_layout(engine, sm: StreamedModel) -> dict:
+    """config.json's quantization_config for pack-quantized output; fails early (one line) on what cannot load."""
+    adapter, config, plan = engine.adapter, engine.config, engine.plan
+    moe_layers = [i for i in range(config.num_hidden_layers) if adapter.is_moe_layer(config, i)]
+    families = {}  # (kind, bits) -> {"layers": set, "names": set, "in": list}
+
+    def add(kind, bits, layer, names, in_features):
+        if bits == KEEP_BITS:
+            return
+        f = families.setdefault((kind, bits), {"layers": set(), "names": set(), "in": []})
+        f["layers"].add(layer)
+        f["names"].update(names)
+        f["in"] += in_features
+
+    for i, layer in enumerate(sm.layers):
+        lin = _layer_linears(adapter, config, layer, i, engine.quantize_attention)
+        for kind in ("attention", "dense", "shared"):
+            mods = {k: m for k, (m, kd) in lin.items() if kd == kind}
+            if mods:
+                bits = plan.expert_bits(i, "shared") if kind == "shared" else engine.bits
+                add("dense", bits, (kind, i), list(mods), [m.in_features for m in mods.values()])
+        if i in moe_layers:
+            experts = adapter.moe_block(layer).experts
+            gate_up, down = expert_weights(experts, 0)
+            bits = engine.layer_bits if ("layer" in plan.policy and i in plan.se_layers) else engine.bits
+            add("experts", bits, i, [], [gate_up.shape[1], down.shape[1]])
+    groups, strategies = [], {}
+    ordered = sorted(families, key=lambda k: (k[0] != "experts", k[1] != engine.bits, k[1]))
+    for kind, bits in ordered:
+        f = families[(kind, bits)]
+        spec = QuantSpec(bits, engine.group_size, engine.symmetric)
+        strategy = ct.strategy_for(spec, f["in"])
+        if strategy is None:
+            raise SECompressError(
+                f"--group-size {engine.group_size} does not fit the {kind} input widths {sorted(set(f['in']))} "
+                f"(one compressed-tensors group needs a size that divides all of them, or exceeds all): pick a "
+                f"group size that divides them, 'channel', or --format fake-quant")
+        if kind == "experts":
+            layers = sorted(f["layers"])
+            targets = [ct.expert_regex(engine.templates, layers if plan.mixed_layers() else None)]
+        else:
+            by_sub = {}
+            for sub_kind, layer in f["layers"]:
+                by_sub.setdefault(sub_kind, set()).add(layer)
+            targets = []
+            for sub_kind, layers in sorted(by_sub.items()):
+                names = set()
+                for layer in layers:
+                    names |= {k for k, (_, kd) in _layer_linears(adapter, config, sm.layers[layer], layer,
+                                                                 engine.quantize_attention).items() if kd == sub_kind}
+                all_layers = sub_kind == "attention"
+                targets.append(ct.module_regex(names, None if all_layers else layers))
+        name = f"{kind}_w{bits}"
+        strategies[name] = strategy
+        if strategy == "channel" and engine.group_size:
+            note = (f"Every {kind} row has at most {engine.group_size} inputs ({sorted(set(f['in']))}), so group size "
+                    f"{engine.group_size} is one group per row: written as compressed-tensors 'channel', the same numbers.")
+            if note not in engine.notes:
+                engine.notes.append(note)
+        groups.append({"name": name, "targets": targets, "spec": QuantSpec(bits, engine.group_size, engine.symmetric),
+                       "strategy": strategy})
+    router = f"re:.*({adapter.moe_attr}|block_sparse_moe)\\.{adapter.router_attr}$"
+    ignore = ["lm_head", "re:.*embed_tokens$", router]
+    if adapter.shared_gate_attr:
+        ignore.append(f"re:.*{adapter.shared_gate_attr}$")
+    kept = sorted(i for i in plan.se_layers if "layer" in plan.policy and engine.layer_bits == KEEP_BITS)
+    if kept:
+        ignore.append(ct.expert_regex(engine.templates, kept))
+    engine.strategies = strategies
+    return ct.quantization_config(groups, ignore)
+
+
+def quantize_model(model: str, out, *, method: str = "gptq", bits: int = 4, group_size: int | None = 128,
+                   symmetric: bool = True, se_policy=("noclip", "calib"), output_format: str = "pack-quantized",
+                   clip_search: bool = False, act_order: bool = False, quantize_attention: bool = True,
+                   layer_bits: int | None = None, se_report: dict | None = None, calib: str = "wikitext2",
+                   samples: int = 64, seqlen: int = 256, seed: int = 0, force: bool = False, progress: bool = True,
+                   expert_calibration: str = "all", trigger_weight: float = 0.25, damp: float = 0.01,
+                   min_tokens: int | None = None, batch_size: int = 8, allow_pickle: bool = False,
+                   trust_remote_code: bool = False) -> Path:
+    """Quantize `model` ('default', a folder or a Hub id) into `out`; returns the output folder.
+
+    method rtn|gptq; bits 2/3/4/8; group_size 32/64/128/... or 0/None for per-channel; se_policy: a tuple (or a
+    comma string) from none, noclip, calib, layer, keep; output_format pack-quantized (compressed-tensors) or
+    fake-quant (dequantized weights in the input's layout and dtype). See policies.py and compressed_tensors.py for
+    what each choice does and where the result loads; compression_report.json in `out` says it for this run.
+    """
+    start = time.time()
+    policy = parse_policy(se_policy)
+    group_size = group_size or None
+    layer_bits = 8 if layer_bits is None else layer_bits
+    _check_options(method, bits, group_size, output_format, layer_bits, expert_calibration, trigger_weight, samples,
+                   seqlen, policy)
+    if out is None:
+        raise SECompressError("no output folder given: pass --out DIR")
+    path = resolve_model(model, allow_pickle=allow_pickle)
+    ckpt = Checkpoint(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    config = ckpt.config
+    adapter = adapter_for(config)
+    if getattr(config, "quantization_config", None):
+        raise SECompressError(f"{path} is already quantized ({config.quantization_config.get('quant_method', '?')}): "
+                              f"start from the bf16/fp32 model")
+    requested_format, notes = output_format, []
+    if output_format == "pack-quantized" and "keep" in policy:
+        output_format = "fake-quant"
+        notes.append("SE policy 'keep' leaves single experts in bf16 inside quantized layers (per-expert mixed "
+                     "precision), which neither vLLM nor transformers loads from a quantized checkpoint: written as "
+                     "fake-quant (dequantized weights), for evaluation only.")
+    if output_format == "pack-quantized":
+        if not symmetric:
+            raise SECompressError("pack-quantized experts must be symmetric (vLLM's MoE kernels and transformers 5.23's "
+                                  "expert loader read no zero point): drop --asymmetric or use --format fake-quant")
+        if adapter.disk_expert_keys is None:
+            raise SECompressError(f"{config.model_type} stores its experts fused on disk, and compressed-tensors has no "
+                                  f"layout for them that transformers 5.23 loads: use --format fake-quant")
+
+    sm = StreamedModel(ckpt, dtype=torch.float32)
+    templates = _disk_templates(ckpt, adapter, config)
+    common = dict(method=method, bits=bits, group_size=group_size, symmetric=symmetric, clip_search=clip_search,
+                  act_order=act_order, quantize_attention=quantize_attention, layer_bits=layer_bits, damp=damp,
+                  expert_calibration=expert_calibration, trigger_weight=trigger_weight, output_format=output_format,
+                  min_tokens=min_tokens if min_tokens is not None else max(8, round(0.005 * samples * seqlen)),
+                  adapter=adapter, config=config, scale_dtype=torch.float32, templates=templates, expert_tokens={},
+                  strategies={})
+    if output_format == "pack-quantized" and templates is None:
+        raise SECompressError(f"{path} stores its experts fused on disk, which compressed-tensors cannot describe "
+                              f"per expert: use --format fake-quant")
+    if output_format == "pack-quantized":  # fail on group widths before any long work
+        _pack_layout(Engine(plan=Plan(policy, bits, layer_bits, []), **common), sm)
+
+    from ..detect import detect, load_tokenizer
+
+    tokenizer = load_tokenizer(path, trust_remote_code)
+    calibration = None
+    if method == "gptq":
+        from ..data.calibration import build_calibration
+
+        calibration = build_calibration(tokenizer, calib, samples, seqlen, seed)
+    if policy and se_report is None:
+        se_report = detect(model, calib=calib, samples=samples, seqlen=seqlen, seed=seed, batch_size=batch_size,
+                           progress=progress, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    ses = super_experts_from_report(se_report, config, adapter) if se_report is not None else []
+    if policy and not ses:
+        notes.append("The SE report lists no Super Experts: the SE policies had nothing to protect.")
+    if "calib" in policy and method == "rtn":
+        notes.append("SE policy 'calib' shapes GPTQ's Hessians; round-to-nearest uses no calibration, so it changes nothing.")
+    plan = Plan(policy, bits, layer_bits, ses)
+
+    from ..export.writer import CheckpointWriter
+
+    new_config = copy.deepcopy(config)
+    engine = Engine(plan=plan, **common)
+    engine.notes += notes
+    with CheckpointWriter(ckpt, Path(out), new_config, force=force) as writer:
+        engine.scale_dtype = writer.dtype
+        if output_format == "pack-quantized":
+            new_config.quantization_config = _pack_layout(engine, sm)
+        writer.add_outside_layers(sm.model)
+        hidden, layer_args, batch_triggers = [], [], []
+        if method == "gptq":
+            ids = calibration.input_ids
+            triggers = trigger_mask(ids, ses)
+            for b in range(0, ids.shape[0], batch_size):
+                h, args = sm.embed_and_layer_kwargs(ids[b: b + batch_size])
+                hidden.append(h)
+                layer_args.append(args)
+                batch_triggers.append(triggers[b: b + batch_size])
+        for i in tqdm(range(len(sm.layers)), desc=f"quantize {method} w{bits}", disable=not progress):
+            layer, lq = engine.run_layer(sm, i, hidden, layer_args, batch_triggers)
+            engine.write_layer(writer, i, layer, lq)
+            sm.free_layer(i)
+        report = summarize(engine, model=model, source=path, requested_format=requested_format,
+                           calibration=calibration.describe() if calibration else None, se_report=se_report,
+                           seconds=time.time() - start)
+        extra = {"compression_report.json": json.dumps(report, indent=2),
+                 "README.md": build_model_card(report)}
+        out_path = writer.finish(extra_files=extra)
+    report["size_bytes"] = sum(f.stat().st_size for f in out_path.glob("*.safetensors"))
+    report["source_size_bytes"] = ckpt.size_bytes()
+    report["seconds"] = round(time.time() - start, 2)
+    tmp = out_path / ".compression_report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, out_path / "compression_report.json")
+    return out_path

@@ -1,0 +1,158 @@
+"""Calibration Hessians H = sum x x^T of every matrix GPTQ quantizes, and the expert coverage rule.
+
+Linear modules (attention, dense MLPs, shared experts) get a forward pre-hook. The fused routed experts have no
+per-expert module to hook, so `collecting_experts_forward` is registered as a transformers experts
+implementation: it computes each routed expert exactly like the eager loop (the layer's output, and so the next
+layer's inputs, follow the real routing) and, on the side, accumulates the Hessians:
+
+- expert_calibration="all" (default, as llm-compressor's moe_calibrate_all_experts): every calibration token
+  goes through every expert. The gate/up input Hessian is then the same for all experts of a layer (computed
+  once); each expert's down_proj Hessian comes from its own activations of all tokens. No expert lacks data.
+- expert_calibration="routed": each expert sees only the tokens routed to it; an expert with fewer than
+  `min_tokens` falls back to round-to-nearest (with a warning in the report).
+
+Trigger tokens (policy `calib`): for SE experts the inputs of the trigger tokens are accumulated apart (also in
+"routed" mode, routed or not) and mixed in with a fixed share `trigger_weight` of the Hessian's trace.
+"""
+import torch
+from torch import nn
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+IMPLEMENTATION = "se_compress_quant_collect"
+
+
+class HessianSum:
+    """Running sum x^T x over rows of x, and the same over the trigger rows when asked."""
+
+    def __init__(self, dim: int, track_triggers: bool = False):
+        self.H = torch.zeros(dim, dim, dtype=torch.float64)
+        self.n = 0
+        self.Ht = torch.zeros(dim, dim, dtype=torch.float64) if track_triggers else None
+        self.nt = 0
+
+    def add(self, x: torch.Tensor, trigger: torch.Tensor | None = None) -> None:
+        x = x.reshape(-1, x.shape[-1]).double()
+        self.H += x.T @ x
+        self.n += x.shape[0]
+        if self.Ht is not None and trigger is not None and trigger.any():
+            self.add_triggers(x[trigger])
+
+    def add_triggers(self, xt: torch.Tensor) -> None:
+        xt = xt.double()
+        self.Ht += xt.T @ xt
+        self.nt += xt.shape[0]
+
+    def final(self, trigger_weight: float = 0.0) -> torch.Tensor:
+        """The Hessian GPTQ uses: the token mean, with the triggers' share of the trace set to trigger_weight."""
+        H = self.H / max(self.n, 1)
+        if trigger_weight > 0 and self.Ht is not None and self.nt > 0:
+            Ht = self.Ht / max(self.nt, 1)
+            H = (1 - trigger_weight) * H / H.trace().clamp(min=1e-30) + trigger_weight * Ht / Ht.trace().clamp(min=1e-30)
+        return H.float()
+
+
+def linear_hooks(modules: dict[str, nn.Linear], sums: dict[str, HessianSum], trigger_ref: dict):
+    """Pre-hooks adding each Linear's inputs to sums[name]; trigger_ref["mask"] holds the current batch's triggers."""
+    handles = []
+    for name, module in modules.items():
+        def hook(mod, args, name=name):
+            sums[name].add(args[0], trigger_ref.get("mask"))
+        handles.append(module.register_forward_pre_hook(hook))
+    return handles
+
+
+def expert_weights(experts, e: int):
+    """(gate_up [2I, H], down [H, I]) of expert e in nn.Linear orientation (views, whatever the storage layout)."""
+    up = experts.gate_up_proj[e] if experts.has_gate else experts.up_proj[e]
+    down = experts.down_proj[e]
+    return (up.T, down.T) if experts.is_transposed else (up, down)
+
+
+def expert_intermediate(experts, e: int, x: torch.Tensor) -> torch.Tensor:
+    """The activated intermediate of expert e for tokens x [n, H]: the input of its down_proj, [n, I]."""
+    up = experts.gate_up_proj[e] if experts.has_gate else experts.up_proj[e]
+    h = x @ up if experts.is_transposed else x @ up.T
+    if experts.has_bias:
+        h = h + (experts.gate_up_proj_bias[e] if experts.has_gate else experts.up_proj_bias[e])
+    return experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
+
+
+def expert_down(experts, e: int, h: torch.Tensor) -> torch.Tensor:
+    y = h @ experts.down_proj[e] if experts.is_transposed else h @ experts.down_proj[e].T
+    if experts.has_bias:
+        y = y + experts.down_proj_bias[e]
+    return y
+
+
+class ExpertCollector:
+    """Hessians of one layer's routed experts. `trigger_ref["mask"]`: trigger tokens of the current batch [T]."""
+
+    def __init__(self, experts, mode: str, calib_experts: set[int], trigger_ref: dict):
+        self.mode, self.calib_experts, self.trigger_ref = mode, set(calib_experts), trigger_ref
+        E = experts.num_experts
+        gate_up, down = expert_weights(experts, 0)
+        hidden, inter = gate_up.shape[1], down.shape[1]
+        self.count = torch.zeros(E, dtype=torch.long)  # tokens routed to each expert
+        if mode == "all":
+            self.shared_in = HessianSum(hidden, track_triggers=bool(calib_experts))
+            self.expert_in = {}
+        else:
+            self.shared_in = None
+            self.expert_in = {e: HessianSum(hidden, e in self.calib_experts) for e in range(E)}
+        self.down = {e: HessianSum(inter, e in self.calib_experts) for e in range(E)}
+
+    def input_hessian(self, e: int) -> HessianSum:
+        return self.shared_in if self.mode == "all" else self.expert_in[e]
+
+    def tokens(self, e: int) -> int:
+        return self.input_hessian(e).n if self.mode == "all" else int(self.count[e])
+
+
+def collecting_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    col: ExpertCollector = self.se_quant_collector
+    trig = col.trigger_ref.get("mask")
+    trig = trig if trig is not None and trig.any() else None
+    final = torch.zeros_like(hidden_states)
+    if col.mode == "all":
+        col.shared_in.add(hidden_states, trig)
+    for e in range(self.num_experts):
+        token_idx, k_pos = torch.where(top_k_index == e)
+        col.count[e] += token_idx.numel()
+        calib = e in col.calib_experts
+        if col.mode == "all":
+            h_all = expert_intermediate(self, e, hidden_states)
+            col.down[e].add(h_all, trig if calib else None)
+            h = h_all[token_idx]
+        else:
+            h = expert_intermediate(self, e, hidden_states[token_idx])
+            col.expert_in[e].add(hidden_states[token_idx])
+            col.down[e].add(h)
+            if calib and trig is not None:  # trigger tokens, routed here or not
+                xt = hidden_states[trig]
+                col.expert_in[e].add_triggers(xt)
+                col.down[e].add_triggers(expert_intermediate(self, e, xt))
+        if token_idx.numel():
+            y = expert_down(self, e, h) * top_k_weights[token_idx, k_pos][:, None]
+            final.index_add_(0, token_idx, y.to(final.dtype))
+    return final
+
+
+ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, collecting_experts_forward)
+
+
+class use_collector:
+    """Context: route `experts` through collecting_experts_forward with `collector` attached."""
+
+    def __init__(self, experts, collector: ExpertCollector):
+        self.experts, self.collector = experts, collector
+
+    def __enter__(self):
+        self.saved = self.experts.config._experts_implementation
+        self.experts.se_quant_collector = self.collector
+        self.experts.config._experts_implementation = IMPLEMENTATION
+        return self.collector
+
+    def __exit__(self, *exc):
+        self.experts.config._experts_implementation = self.saved
+        del self.experts.se_quant_collector
+        return False
