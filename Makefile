@@ -4,7 +4,7 @@ MODEL ?= default
 OUT ?=
 CALIB ?= wikitext2
 
-.PHONY: quickstart setup test detect ablate train-default bench-detect-memory
+.PHONY: quickstart setup test detect ablate compress train-default bench-detect-memory
 
 quickstart: setup  ## install, then find the Super Experts of the shipped default model
 	se-compress detect default
@@ -25,6 +25,11 @@ ablate:  ## the paper's study: zero the SEs vs as many random experts
 train-default:  ## retrain the shipped default model (about 90 minutes on 2 CPU cores)
 	$(PYTHON) -m se_compress.default_model.train --data ../shared/data/train-text \
 		--val se_compress/data/text/wikitext2-valid.txt --out build/train-se --plant se --steps 2600 --threads 2
+
+RECIPE ?= qwen3-int4-se-protect
+
+compress:  ## run a recipe from recipes/ on MODEL (default: the shipped model) [RECIPE=... OUT=... FORCE=1]
+	se-compress compress --recipe $(RECIPE) --model $(MODEL) $(if $(OUT),--out $(OUT),) $(if $(FORCE),--force,)
 
 bench-detect-memory:  ## peak RSS of streamed detection vs depth
 	$(PYTHON) bench/detect_memory.py
