@@ -118,7 +118,9 @@ def main(argv=None):
     tmp = out_dir / "quant.json.tmp"
     results = json.loads(tmp.read_text()) if args.resume and tmp.exists() else None
     if results is None:
-        results = {"command": "python bench/quant.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        env = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS",) if k in os.environ)
+        command = "python bench/quant.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        results = {"command": f"{env} {command}".strip(),
                    "model": args.model, "model_path": str(path), "architecture": ckpt.config.model_type,
                    "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                                "torch": torch.__version__},
@@ -236,7 +238,8 @@ def write_outputs(results: dict, out_dir: Path) -> None:
               "Sizes of `keep` rows are those of the dequantized bf16 checkpoint.",
               "- super weight err: largest relative error of the SE super weights (top |w| of the SE's channel row in "
               "down_proj) after quantization; `noclip` keeps them on the grid, `keep` leaves them untouched.",
-              "- time: our quantize_model wall time (load, calibration, GPTQ, writing); GPTQModel: load + quantize."]
+              "- time: our quantize_model wall time (load, calibration, GPTQ, writing); GPTQModel: load + quantize "
+              "(GPTQMODEL_CPU_WORKERS=2, same torch threads). Both ran on the same shared machine in the same run."]
     for r in failures:
         lines.append(f"- GPTQModel w{r['bits']} failed at {r.get('stage', '?')}: `{(r.get('error') or '')[:400]}`")
     (out_dir / "quant.md").write_text("\n".join(lines) + "\n")
