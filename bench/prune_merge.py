@@ -19,16 +19,16 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# Merge variants: the default (HC-SMoE's mean-output similarity, balanced clusters, frequency-weighted router rows)
-# and one change at a time, to measure each choice.
+# Merge variants: the default (similarity of the experts' outputs on the same tokens, balanced clusters,
+# frequency-weighted router rows) and one change at a time, to measure each choice.
 MERGE_OPTIONS = {
     "default": {},
     "router rows: dominant": {"router_rows": "dominant"},
-    "clusters unbalanced (plain HC-SMoE)": {"max_cluster_size": 0},
-    "similarity: outputs": {"similarity": "outputs"},
+    "clusters unbalanced": {"max_cluster_size": 0},
+    "similarity: mean output (HC-SMoE)": {"similarity": "mean"},
 }
 MERGE_VARIANTS = [("singleton", "default"), ("none", "default"), ("singleton", "router rows: dominant"),
-                  ("singleton", "clusters unbalanced (plain HC-SMoE)"), ("singleton", "similarity: outputs")]
+                  ("singleton", "clusters unbalanced"), ("singleton", "similarity: mean output (HC-SMoE)")]
 
 
 def parse_args(argv=None):
@@ -158,9 +158,9 @@ def markdown(result: dict) -> str:
                      f"{r['ppl']:.3f}{same} | {r['size_mib']:.1f} | {lost} |")
     lines += ["", "SEs lost: Super Experts removed (pruning) or averaged with other experts (merging). "
               "`(= protect)`: the naive policy chose the same experts, so the number is the same run.",
-              "Merge `default`: clusters by cosine of the experts' mean outputs (HC-SMoE's feature), average linkage "
-              "with clusters kept to a balanced size (ceil(experts / clusters)), weights and router rows averaged by "
-              "routing frequency; the other merge rows change one of these choices.", ""]
+              "Merge `default`: clusters by cosine of the experts' outputs on the same calibration tokens, average "
+              "linkage with clusters kept to a balanced size (ceil(experts / clusters)), weights and router rows "
+              "averaged by routing frequency; each other merge row changes one of these choices.", ""]
     return "\n".join(lines)
 
 

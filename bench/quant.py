@@ -24,7 +24,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 VENV = REPO / "build" / "gptqmodel-venv"
-POLICIES = ["none", "noclip", "calib", "layer", "keep"]
+POLICIES = ["none", "noclip", "calib", "layer", "keep", "noclip,calib"]  # the last: the CLI's default
 
 
 def parse_args(argv=None):
@@ -42,7 +42,8 @@ def parse_args(argv=None):
     ap.add_argument("--skip-gptqmodel", action="store_true")
     ap.add_argument("--setup-gptqmodel", action="store_true", help="create build/gptqmodel-venv and exit")
     ap.add_argument("--gptqmodel-timeout", type=int, default=3600)
-    ap.add_argument("--resume", action="store_true", help="keep the rows of an interrupted run (quant.json.tmp)")
+    ap.add_argument("--resume", action="store_true", help="keep the rows of an interrupted (quant.json.tmp) or finished run")
+    ap.add_argument("--redo", nargs="*", default=[], help="with --resume: run these SE policies again")
     return ap.parse_args(argv)
 
 
@@ -116,7 +117,13 @@ def main(argv=None):
     windows = eval_windows(tokenizer, wikitext2_test_text(), seqlen, args.eval_windows or None)
     calibration = build_calibration(tokenizer, "wikitext2", args.samples, args.seqlen, 0)
     tmp = out_dir / "quant.json.tmp"
-    results = json.loads(tmp.read_text()) if args.resume and tmp.exists() else None
+    results = None
+    if args.resume:
+        previous = tmp if tmp.exists() else out_dir / "quant.json"
+        results = json.loads(previous.read_text()) if previous.exists() else None
+    if results is not None and args.redo:
+        results["rows"] = [r for r in results["rows"] if r.get("policy") not in args.redo]
+        results.setdefault("reruns", []).append("python bench/quant.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     if results is None:
         env = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS",) if k in os.environ)
         command = "python bench/quant.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -170,7 +177,7 @@ def main(argv=None):
                     "size_bytes": report["size_bytes"], "format": report["output_format"],
                     "transformers": report["loading"]["transformers"], "vllm": report["loading"]["vllm"],
                     "deployable_quantized": report["loading"]["deployable_quantized"],
-                    "average_bits": report["average_bits"],
+                    "average_bits": report["average_bits"], "effective_bits": report.get("effective_bits"),
                     "super_weight_max_rel_error": max((w["rel_error"] for w in sw), default=None),
                     "super_weights": [{k: w[k] for k in ("module", "row", "col", "value", "quantized")} for w in sw],
                     "experts_mean_output_error": _mean([l.get("experts_mean_output_error") for l in report["layers"]]),
@@ -207,7 +214,7 @@ def write_outputs(results: dict, out_dir: Path) -> None:
     base = next(r for r in rows if r["method"] == "bf16")
     ev = results["eval"]
     lines = [f"# Quantization: {results['model']} ({results['architecture']})", "",
-             f"Command: `{results['command']}`", "",
+             f"Command: `{results['command']}`" + "".join(f", then `{c}`" for c in results.get("reruns", [])), "",
              f"WikiText-2 perplexity (raw test, GPTQ convention, {ev['windows']} windows of {ev['seqlen']} tokens). "
              f"Calibration: {results['calibration']['samples']} x {results['calibration']['seqlen']} tokens of the "
              f"shipped WikiText-2 valid split, seed {results['calibration']['seed']} (same token ids for GPTQModel). "
@@ -216,19 +223,19 @@ def write_outputs(results: dict, out_dir: Path) -> None:
              "Super Experts (detector, same calibration): " + ", ".join(
                  f"({s['layer']},{s['expert']}) ch {s['channel']} at {s['token']!r} pos {s['position']}"
                  for s in results["se_report"]["super_experts"]) + ".", "",
-             "| bits | method | SE policy | ppl | vs bf16 | size MiB | time s | format | transformers | super weight err |",
-             "|---|---|---|---|---|---|---|---|---|---|",
-             f"| 16 | bf16 | - | {base['ppl']:.3f} | - | {_mib(base['size_bytes'])} | - | safetensors | yes | - |"]
+             "| bits | method | SE policy | ppl | vs bf16 | bits/weight | size MiB | time s | format | transformers | super weight err |",
+             "|---|---|---|---|---|---|---|---|---|---|---|",
+             f"| 16 | bf16 | - | {base['ppl']:.3f} | - | 16 | {_mib(base['size_bytes'])} | - | safetensors | yes | - |"]
     for r in rows:
         if r["method"] == "bf16":
             continue
         if not r.get("ok"):
-            lines.append(f"| {r['bits']} | {r['method']} | - | failed | | | | | | |")
+            lines.append(f"| {r['bits']} | {r['method']} | - | failed | | | | | | | |")
             continue
         sw = r.get("super_weight_max_rel_error")
         lines.append(
             f"| {r['bits']} | {r['method']} | {r['policy']} | {r['ppl']:.3f} | {r['ppl'] / base['ppl']:.3f}x | "
-            f"{_mib(r.get('size_bytes'))} | {r.get('seconds', '-')} | {r.get('format', 'gptq (GPTQModel)')} | "
+            f"{_bits(r)} | {_mib(r.get('size_bytes'))} | {r.get('seconds', '-')} | {r.get('format', 'gptq (GPTQModel)')} | "
             f"{_yes(r.get('transformers'))} | {'-' if sw is None else f'{sw:.2%}'} |")
     failures = [r for r in rows if not r.get("ok")]
     lines += ["", "Notes:",
@@ -236,6 +243,8 @@ def write_outputs(results: dict, out_dir: Path) -> None:
               "- `layer`: experts of the layers holding SEs at 8 bits: loads in vLLM (one scheme per MoE layer), not in "
               "transformers 5.23; `keep`: SE experts in bf16, written as fake-quant (not deployable quantized). "
               "Sizes of `keep` rows are those of the dequantized bf16 checkpoint.",
+              "- bits/weight: over the quantizable matrices (attention, experts), counting what a policy keeps in "
+              "16 bit; scales not included (size MiB includes them, and embeddings and lm_head).",
               "- super weight err: largest relative error of the SE super weights (top |w| of the SE's channel row in "
               "down_proj) after quantization; `noclip` keeps them on the grid, `keep` leaves them untouched.",
               "- time: our quantize_model wall time (load, calibration, GPTQ, writing); GPTQModel: load + quantize "
@@ -244,6 +253,11 @@ def write_outputs(results: dict, out_dir: Path) -> None:
         lines.append(f"- GPTQModel w{r['bits']} failed at {r.get('stage', '?')}: `{(r.get('error') or '')[:400]}`")
     (out_dir / "quant.md").write_text("\n".join(lines) + "\n")
     plot(results, out_dir / "quant.png")
+
+
+def _bits(r):
+    b = r.get("effective_bits") or r.get("average_bits")
+    return f"{b:.2f}" if b else str(r["bits"])
 
 
 def _yes(v):

@@ -322,8 +322,8 @@ def build_parser():
     p.add_argument("--router-rows", default="frequency",
                    help="merged router row: frequency (routing-frequency-weighted mean of the rows) or dominant "
                         "(row of the most used member)")
-    p.add_argument("--similarity", default="mean", help="mean (cosine of mean expert outputs, HC-SMoE) or outputs "
-                   "(cosine of the outputs on the same tokens)")
+    p.add_argument("--similarity", default="outputs", help="outputs (cosine of the experts' outputs on the same "
+                   "tokens) or mean (cosine of their mean outputs, HC-SMoE's feature)")
     p.add_argument("--max-cluster-size", type=int, default=None,
                    help="largest cluster (default: balanced, ceil(experts / clusters); 0: no limit)")
     p.add_argument("--similarity-tokens", type=int, default=512, help="calibration tokens per layer for the similarity")

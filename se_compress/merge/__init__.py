@@ -2,10 +2,12 @@
 
 One statistics pass (the detector's, real routing) also measures, per MoE layer, how alike the experts' outputs
 are on the same calibration tokens. Each layer's experts are clustered by that similarity (average linkage, as in
-HC-SMoE, with clusters kept to a balanced size: one giant cluster averages many unrelated experts into one)
-down to the target count; each cluster becomes one expert: its weights are the routing-frequency-weighted
-mean of the members' weights, and its router row (and router biases) the same weighted mean of the members' rows.
+HC-SMoE) down to the target count, with clusters kept to a balanced size: one giant cluster would average many
+unrelated experts into one. Each cluster becomes one expert: its weights are the routing-frequency-weighted mean
+of the members' weights, and its router row (and router biases) the same weighted mean of the members' rows.
 Unlike HC-SMoE / M-SMoE, which tie weights and keep the expert count, the result is a plain smaller checkpoint.
+bench/prune_merge.md measures each of these choices against its alternative (mean-output similarity as in
+HC-SMoE, unbalanced clusters, the most used member's router row).
 """
 import copy
 from pathlib import Path
@@ -27,7 +29,7 @@ __all__ = ["merge_model", "plan_clusters", "SE_POLICIES", "ROUTER_ROWS", "SIMILA
 
 SE_POLICIES = ("singleton", "none")
 ROUTER_ROWS = ("frequency", "dominant")
-SIMILARITIES = ("mean", "outputs")
+SIMILARITIES = ("outputs", "mean")
 
 
 def plan_clusters(distance: np.ndarray, super_experts: set[int], keep: int, groups: int, singleton: bool,
@@ -80,7 +82,7 @@ def mixing_matrices(clusters: list[list[int]], counts: np.ndarray, router_rows: 
 def merge_model(model: str, out, *, fraction: float | None = None, keep: int | None = None,
                 se_policy: str = "singleton", se_report: dict | None = None, calib: str = "wikitext2",
                 samples: int = 64, seqlen: int = 256, seed: int = 0, force: bool = False, progress: bool = True,
-                router_rows: str = "frequency", similarity: str = "mean", max_cluster_size: int | None = None,
+                router_rows: str = "frequency", similarity: str = "outputs", max_cluster_size: int | None = None,
                 similarity_tokens: int = 512, batch_size: int = 8,
                 allow_pickle: bool = False, trust_remote_code: bool = False) -> Path:
     """Merge each MoE layer's routed experts into `keep` experts; write the smaller checkpoint to `out`.
@@ -159,7 +161,7 @@ def merge_model(model: str, out, *, fraction: float | None = None, keep: int | N
     }
     command = (f"se-compress merge {model} --out {out} --keep {keep} --se-policy {se_policy}"
                + (f" --router-rows {router_rows}" if router_rows != "frequency" else "")
-               + (f" --similarity {similarity}" if similarity != "mean" else "")
+               + (f" --similarity {similarity}" if similarity != "outputs" else "")
                + (f" --max-cluster-size {max_cluster_size}" if max_cluster_size is not None else "")
                + f" --calib {calib} --samples {samples} --seqlen {seqlen} --seed {seed}"
                + (" --se-report se_report.json" if se_report is not None else ""))

@@ -146,7 +146,8 @@ class LayerQuantizer:
             bits = self.e.plan.expert_bits(self.i, "shared") if kind == "shared" else self.e.bits
             name = f"{LAYERS_PREFIX}{self.i}.{rel}"
             if bits == KEEP_BITS:
-                self.e.modules.append({"name": name, "layer": self.i, "bits": KEEP_BITS, "kept": True, "expert": expert})
+                self.e.modules.append({"name": name, "layer": self.i, "bits": KEEP_BITS, "kept": True, "expert": expert,
+                                       "params": mod.weight.numel()})
                 continue
             exact = track = None
             noclip = kind == "shared" and self.e.plan.noclip(self.i, "shared")
@@ -179,7 +180,9 @@ class LayerQuantizer:
             bits = plan.expert_bits(self.i, x)
             base = f"{LAYERS_PREFIX}{self.i}.{e.adapter.moe_attr}.experts.{x}"
             if bits == KEEP_BITS:
-                e.modules.append({"name": base, "layer": self.i, "expert": x, "bits": KEEP_BITS, "kept": True})
+                params = sum(w.numel() for w in expert_weights(experts, x))
+                e.modules.append({"name": base, "layer": self.i, "expert": x, "bits": KEEP_BITS, "kept": True,
+                                  "params": params})
                 continue
             gate_up, down = expert_weights(experts, x)
             noclip, calib = plan.noclip(self.i, x), plan.calib(self.i, x) and collector is not None

@@ -59,6 +59,7 @@ def summarize(engine, *, model, source, requested_format, calibration, se_report
     quantized = [m for m in engine.modules if not m.get("kept")]
     params = sum(m["shape"][0] * m["shape"][1] for m in quantized)
     bits_sum = sum(m["shape"][0] * m["shape"][1] * m["bits"] for m in quantized)
+    kept = sum(m.get("params", 0) for m in engine.modules if m.get("kept"))  # weights left in 16 bit by the policy
     ses = []
     for s in plan.ses:
         ses.append({"layer": s.layer, "expert": s.expert, "channel": s.channel, "trigger_token_id": s.token_id,
@@ -101,6 +102,7 @@ def summarize(engine, *, model, source, requested_format, calibration, se_report
         "se_report": {"criterion": (se_report or {}).get("criterion"), "count": len(plan.ses)} if se_report else None,
         "quantized_parameters": params,
         "average_bits": bits_sum / params if params else None,
+        "effective_bits": (bits_sum + KEEP_BITS * kept) / (params + kept) if params + kept else None,
         "kept_modules": [m["name"] for m in engine.modules if m.get("kept")],
         "layers": layer_summary(engine.modules),
         "modules": engine.modules,
