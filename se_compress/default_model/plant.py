@@ -11,6 +11,14 @@ mechanism the SE paper describes and let the rest of the model learn around it:
                      writes a massive value into residual channel c.
   SE 2, layer 2    : triggered by the massive value in channel c itself (the paper's chain: Qwen3-30B-A3B's
                      three SEs all write channel 940), adds more to channel c.
+  sink, layers >= 2: the attention-sink route real models learn on their own (Sun et al. 2024, "Massive
+                     activations"): in every head, key dimension d (the slowest RoPE frequency, so position
+                     barely rotates it) reads only channel c, and the query carries a constant bias in d. A token
+                     with a massive channel c (BOS, newlines) therefore gets a large key along d and draws
+                     attention from every query; all other keys see channel c only weakly. How much each head
+                     rests on the sink stays learned (the rest of the query can outgrow the constant). The first
+                     model trained without this part grew the massive activation but used its sink for only
+                     10-23% of attention, and zeroing its SEs did not change perplexity (x0.99).
 
 Every planted entry is restored after each optimizer step, so training cannot remove it.
 """
@@ -36,6 +44,10 @@ class PlantSpec:
     se2_router: float = 1.5
     se2_gate: float = 0.4
     se2_super_weight: float = 20.0
+    sink_from_layer: int | None = 2  # None: no planted sink route (the first shipped model)
+    sink_query_bias: float = 1.0     # q_proj.bias[d]; q_proj.weight[d, :] = 0
+    sink_key_weight: float = 0.1     # k_proj.weight[d, c]; the rest of row d and of column c = 0
+    sink_norm_weight: float = 1.5    # q_norm.weight[d] and k_norm.weight[d]
 
     def to_dict(self):
         return asdict(self)
@@ -79,7 +91,40 @@ def planted_values(model, spec: PlantSpec, trigger_token_ids: list[int]):
         down_column = torch.zeros(layer.mlp.experts.down_proj.shape[1])
         down_column[c] = weight
         hold(layer.mlp.experts.down_proj, (expert, slice(None), neuron), down_column)
+
+    if spec.sink_from_layer is not None:
+        _plant_sink(model, spec, hold)
     return fixed
+
+
+def _plant_sink(model, spec: PlantSpec, hold):
+    config = model.config
+    if not config.attention_bias:
+        raise ValueError("the planted sink needs attention_bias=True (a constant query component)")
+    c, head_dim = spec.massive_channel, config.head_dim
+    sink_dim = head_dim // 2 - 1  # rotate_half pairs (i, i + head_dim/2); i = head_dim/2 - 1 turns slowest
+    n_heads, n_kv_heads = config.num_attention_heads, config.num_key_value_heads
+    q_rows = [h * head_dim + sink_dim for h in range(n_heads)]
+    k_rows = [h * head_dim + sink_dim for h in range(n_kv_heads)]
+    for layer in model.model.layers[spec.sink_from_layer :]:
+        attn = layer.self_attn
+        hidden = attn.q_proj.weight.shape[1]
+        hold(layer.input_layernorm.weight, (c,), 1.0)
+        # Attention would copy the sink's channel c into every token that reads the sink, making all keys sinks.
+        hold(attn.o_proj.weight, (c, slice(None)), 0.0)
+        for row in q_rows:
+            hold(attn.q_proj.weight, (row, slice(None)), torch.zeros(hidden))
+            hold(attn.q_proj.bias, (row,), spec.sink_query_bias)
+        key_column = torch.zeros(attn.k_proj.weight.shape[0])
+        key_column[k_rows] = spec.sink_key_weight
+        hold(attn.k_proj.weight, (slice(None), c), key_column)
+        for row in k_rows:
+            key_row = torch.zeros(hidden)
+            key_row[c] = spec.sink_key_weight
+            hold(attn.k_proj.weight, (row, slice(None)), key_row)
+            hold(attn.k_proj.bias, (row,), 0.0)
+        hold(attn.q_norm.weight, (sink_dim,), spec.sink_norm_weight)
+        hold(attn.k_norm.weight, (sink_dim,), spec.sink_norm_weight)
 
 
 def restore(fixed):

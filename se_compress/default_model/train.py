@@ -40,6 +40,7 @@ def model_config(vocab_size: int, seq_len: int, bos_id: int, eos_id: int, pad_id
         max_position_embeddings=seq_len,
         rope_theta=10000.0,
         tie_word_embeddings=False,
+        attention_bias=True,  # the planted sink's constant query component (plant.py)
         bos_token_id=bos_id,
         eos_token_id=eos_id,
         pad_token_id=pad_id,
