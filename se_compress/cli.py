@@ -98,8 +98,22 @@ def cmd_train_default(args):
 def cmd_compress(args):
     from .driver import compress
 
-    out = compress(args.recipe, model=args.model, out=args.out, force=args.force)
-    print(f"checkpoint: {out}")
+    out = compress(args.recipe, model=args.model, out=args.out, force=args.force, evaluate=not args.no_eval)
+    print(f"checkpoint: {out}" + ("" if args.no_eval or not (out / "compare.md").exists() else
+                                  f"\ncomparison: {out}/compare.md, {out}/compare.png"))
+
+
+def cmd_compare(args):
+    from .compare import compare, markdown
+
+    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    if not recipes:
+        raise SECompressError("--recipes is empty: give a comma list of recipe names, e.g. qwen3-int4-se-protect,qwen3-int4-naive")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    table = compare(recipes, model=args.model, out=Path(args.out) if args.out else None, tasks=tasks,
+                    limit=args.limit, max_windows=args.max_windows)
+    print(markdown(table))
+    print(f"written: {table['out']}/compare.md, compare.json, compare.png")
 
 
 def _read_json(path):
@@ -258,7 +272,21 @@ def build_parser():
     p.add_argument("--model", default=None, help="checkpoint folder, Hub id or 'default' (default: the recipe's, else the shipped model)")
     p.add_argument("--out", default=None, help="output folder (default checkpoints/<model>-<recipe>)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--no-eval", action="store_true", help="skip the evaluation beside the base model and naive twins")
     p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("compare", help="run or reuse several recipes on one model; one table and a quality/size chart",
+                       description="Run each recipe on MODEL (reusing checkpoints/<model>-<recipe> when it was made "
+                                   "from the same recipe and weights), evaluate every result and the base model with "
+                                   "the same settings, and write compare.md (method, SE policy, size, perplexity, "
+                                   "task scores, sink, D_sink, repetition, time), compare.json and compare.png.")
+    p.add_argument("--recipes", required=True, help="comma list of recipe names or YAML paths")
+    p.add_argument("--model", default="default", help="checkpoint folder, Hub id or 'default' (the shipped model)")
+    p.add_argument("--out", default=None, help="folder for the table (default checkpoints/compare-<model>)")
+    p.add_argument("--tasks", default=None, help="comma list of evaluations (default: the first recipe's)")
+    p.add_argument("--limit", type=int, default=None, help="at most N examples per lm-eval task")
+    p.add_argument("--max-windows", type=int, default=None, help="only the first N perplexity windows")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("train-default", help="retrain the shipped default model (hours on 2 CPU cores)",
                        description="Arguments after train-default go to the trainer; see "

@@ -1,29 +1,66 @@
-"""`se-compress compare --recipes a,b,c`: run (or reuse) each recipe on one model, evaluate each result beside
-the base model, and write compare.md (one table), compare.json and compare.png (quality against size)."""
+"""Compressed checkpoints evaluated beside their base model and naive twins, as one table.
+
+Two entry points share it:
+- the driver (`se-compress compress`): the recipe's result, the base model and each baseline recipe ("naive
+  twin"), compressed here if needed; compare.json/.md/.png go into the result folder;
+- `se-compress compare --recipes a,b,c`: any set of recipes on one model, into checkpoints/compare-<model>/.
+
+Every evaluation is cached next to what it measured (`<checkpoint>/eval/`, the base model's under
+checkpoints/.eval/) with a fingerprint of the weights and the evaluation settings, so a re-run or a second table
+reuses it, and a changed model or setting is measured again.
+"""
+import hashlib
 import json
 from pathlib import Path
 
-from .driver import compress, default_output, model_label
+from .errors import SECompressError
 from .models.checkpoint import resolve_model
-from .recipe import load_recipe
+from .recipe import EvaluateOptions, Recipe, load_recipe
+
+CHECKPOINTS = Path("checkpoints")
+
+
+def model_label(model: str) -> str:
+    return "default" if model == "default" else Path(str(model).rstrip("/")).name.replace("/", "--")
 
 
 def size_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in Path(path).glob("*.safetensors")) / 2**20
 
 
-def evaluation(checkpoint: str, tasks: list[str], limit: int | None, out: Path) -> dict:
-    """eval.json of a checkpoint, computed once and reused."""
-    cached = out / "eval.json"
-    if cached.exists():
-        return json.loads(cached.read_text())
+def fingerprint(path: Path) -> str:
+    """Changes when the weights or the config change (names, sizes, modification times; no hashing of GBs)."""
+    files = sorted(Path(path).glob("*.safetensors")) + [Path(path) / "config.json"]
+    stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.exists()]
+    return hashlib.sha1(json.dumps(stats).encode()).hexdigest()[:16]
+
+
+def evaluate_cached(model: str, options: EvaluateOptions, out: Path, label: str, progress: bool = True) -> dict:
+    """eval.json of `model` under `options`; reused from `out` when weights and settings are the same."""
     from .eval.run import evaluate_checkpoint
 
-    return evaluate_checkpoint(checkpoint, tasks, limit, out)
+    out = Path(out)
+    request = {"fingerprint": fingerprint(resolve_model(model)), "options": options.model_dump()}
+    stamp = out / "request.json"
+    if (out / "eval.json").exists() and stamp.exists() and json.loads(stamp.read_text()) == request:
+        if progress:
+            print(f"[eval] {label}: reusing {out}/eval.json", flush=True)
+        return json.loads((out / "eval.json").read_text())
+    stamp.unlink(missing_ok=True)
+    result = evaluate_checkpoint(model, options.tasks, options.limit, out, seqlen=options.seqlen,
+                                 max_windows=options.max_windows, label=label, progress=progress)
+    stamp.write_text(json.dumps(request, indent=2))  # written last: an interrupted evaluation is not reused
+    return result
 
 
-def describe(recipe) -> tuple[str, str]:
+def base_eval_dir(model: str) -> Path:
+    return CHECKPOINTS / ".eval" / f"{model_label(model)}-{fingerprint(resolve_model(model))}"
+
+
+def describe(recipe: Recipe | None) -> tuple[str, str]:
     """(method, SE policy) of a recipe, for the table."""
+    if recipe is None:
+        return "original (bf16)", "-"
     parts, policies = [], []
     for stage in recipe.stages:
         o = stage.options
@@ -35,56 +72,103 @@ def describe(recipe) -> tuple[str, str]:
             parts.append(f"{stage.kind} {size}" + (f" {o.criterion}" if stage.kind == "prune" else ""))
             policies.append(o.se_policy)
         else:
-            parts.append(stage.kind)
+            parts.append(f"{stage.kind} {getattr(o, 'experts', '')}".strip())
     return ", ".join(parts), ", ".join(policies) or "-"
 
 
-def compare(recipes: list[str], model: str = "default", out: Path | None = None, tasks: list[str] | None = None,
-            limit: int | None = None) -> dict:
-    src = resolve_model(model)
-    out = Path(out or f"checkpoints/compare-{model_label(model)}")
+def table_row(name: str, recipe: Recipe | None, checkpoint: Path, result: dict, base: dict) -> dict:
+    """One row: the recipe, what it did, size, and the eval.json with D_sink taken against the base model."""
+    from .eval.run import d_sink_between
+
+    d_sink = d_sink_between(base, result) if recipe is not None else None
+    metrics = dict(result.get("metrics") or {}, d_sink=sum(d_sink) / len(d_sink) if d_sink else None)
+    meta_path = Path(checkpoint) / "recipe.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    method, policy = describe(recipe)
+    return {**result, "recipe": name, "method": method, "se_policy": policy, "size_mb": size_mb(checkpoint),
+            "compress_seconds": meta.get("seconds"), "metrics": metrics, "path": str(checkpoint)}
+
+
+def ensure_checkpoint(recipe_name: str, model: str, out: Path, progress: bool = True) -> Path:
+    """The recipe's checkpoint of `model` at `out`: reused when it was made from the same recipe and weights,
+    otherwise (re)made. Only folders the driver wrote (with recipe.json) are ever replaced."""
+    from .driver import compress
+
+    recipe = load_recipe(recipe_name)
+    meta_path = out / "recipe.json"
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("recipe") == recipe.model_dump() and meta.get("source_fingerprint") == fingerprint(resolve_model(model)):
+            return out
+    elif out.exists():
+        raise SECompressError(f"{out} exists and was not written by se-compress compress: move it away to compare "
+                              f"with '{recipe.name}'")
+    return compress(recipe_name, model=model, out=str(out), force=out.exists(), evaluate=False, progress=progress)
+
+
+def write_table(table: dict, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    first = load_recipe(recipes[0])
-    tasks = tasks if tasks is not None else first.evaluate.tasks
-    base = evaluation(model, tasks, limit, Path(f"checkpoints/{model_label(model)}-base-eval"))
-    rows = [{"recipe": "base", "method": "bf16 (original)", "se_policy": "-", "size_mb": size_mb(src), **base}]
-    for name in recipes:
-        recipe = load_recipe(name)
-        ckpt = default_output(model, recipe)
-        if not (ckpt / "recipe.json").exists():
-            compress(name, model=model, out=str(ckpt))
-        meta = json.loads((ckpt / "recipe.json").read_text())
-        method, policy = describe(recipe)
-        result = evaluation(str(ckpt), tasks, limit, ckpt / "eval")
-        rows.append({"recipe": name, "method": method, "se_policy": policy, "size_mb": size_mb(ckpt),
-                     "compress_seconds": meta.get("seconds"), **result})
-    table = {"model": model, "tasks": tasks, "rows": rows}
     (out / "compare.json").write_text(json.dumps(table, indent=2, default=str))
     (out / "compare.md").write_text(markdown(table))
     plot(table, out / "compare.png")
+    return out
+
+
+def compare(recipes: list[str], model: str = "default", out: Path | None = None, tasks: list[str] | None = None,
+            limit: int | None = None, max_windows: int | None = None, progress: bool = True) -> dict:
+    """Run (or reuse) each recipe on `model`, evaluate every result with the same settings beside the base model."""
+    loaded = [load_recipe(name) for name in recipes]
+    studies = [r.name for r in loaded if any(s.kind == "ablate" for s in r.stages)]
+    if studies:
+        raise SECompressError(f"{', '.join(studies)}: a study, not a compressed model; run it with se-compress "
+                              "compress and leave it out of --recipes")
+    first = loaded[0].evaluate
+    options = EvaluateOptions(tasks=tasks if tasks is not None else first.tasks, limit=limit or first.limit,
+                              seqlen=first.seqlen, max_windows=max_windows or first.max_windows)
+    out = Path(out or CHECKPOINTS / f"compare-{model_label(model)}")
+    base = evaluate_cached(model, options, base_eval_dir(model), "base", progress)
+    rows = [table_row("base", None, resolve_model(model), base, base)]
+    for name, recipe in zip(recipes, loaded):
+        ckpt = ensure_checkpoint(name, model, CHECKPOINTS / f"{model_label(model)}-{recipe.name}", progress)
+        result = evaluate_cached(str(ckpt), options, ckpt / "eval", recipe.name, progress)
+        rows.append(table_row(recipe.name, recipe, ckpt, result, base))
+    table = {"model": model, "tasks": options.tasks, "evaluate": options.model_dump(), "rows": rows, "out": str(out)}
+    write_table(table, out)
     return table
 
 
 def _metric(row: dict, key: str):
-    return row.get("metrics", row).get(key)
+    return (row.get("metrics") or {}).get(key)
 
 
 def markdown(table: dict) -> str:
-    tasks = [t for t in table["tasks"] if t != "wikitext2"]
-    head = ["recipe", "method", "SE policy", "size (MB)", "WikiText-2 ppl"] + tasks + ["D_sink", "repetition", "time (s)"]
-    lines = [f"# Comparison on {table['model']}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    tasks = [t for t in table["tasks"] if t not in ("wikitext2", "sink", "repetition")]
+    head = ["recipe", "method", "SE policy", "size (MiB)", "WikiText-2 ppl", "vs base"] + tasks
+    head += ["sink", "D_sink", "rep4", "time (s)"]
+    base_ppl = _metric(table["rows"][0], "wikitext2_ppl")
+    lines = [f"# Comparison on {table['model']}", "", "| " + " | ".join(head) + " |", "|---|---|---|" + "---:|" * (len(head) - 3)]
     for r in table["rows"]:
-        cells = [r["recipe"], r["method"], r["se_policy"], f"{r['size_mb']:.1f}", _fmt(_metric(r, "wikitext2_ppl"))]
+        ppl = _metric(r, "wikitext2_ppl")
+        ratio = f"x{ppl / base_ppl:.3f}" if ppl and base_ppl else "-"
+        cells = [r["recipe"], r["method"], r["se_policy"], f"{r['size_mb']:.1f}", _fmt(ppl), ratio]
         cells += [_fmt(_metric(r, t)) for t in tasks]
-        cells += [_fmt(_metric(r, "d_sink")), _fmt(_metric(r, "repetition")), _fmt(r.get("compress_seconds"))]
+        cells += [_fmt(_metric(r, "sink_first_token")), _fmt(_metric(r, "d_sink")), _fmt(_metric(r, "repetition")),
+                  _fmt(r.get("compress_seconds"))]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    ev = table.get("evaluate") or {}
+    lines += ["", "WikiText-2 perplexity in the GPTQ convention (raw test"
+              + (f", first {ev['max_windows']} windows" if ev.get("max_windows") else "") + "); sink: mean attention on "
+              "the first token over layers; D_sink: change of the per-head first-token attention against the base "
+              "(mean over layers); rep4: repeated 4-grams in greedy generations; time: compression wall time.", ""]
+    return "\n".join(lines)
 
 
 def _fmt(value) -> str:
     if value is None:
         return "-"
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
+    if isinstance(value, float):
+        return f"{value:.2f}" if abs(value) >= 100 else f"{value:.4g}"
+    return str(value)
 
 
 def plot(table: dict, path: Path) -> None:
@@ -93,19 +177,20 @@ def plot(table: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for r in table["rows"]:
         ppl = _metric(r, "wikitext2_ppl")
         if ppl is None:
             continue
         naive = "naive" in r["recipe"]
-        color = "gray" if r["recipe"] == "base" else ("tab:orange" if naive else "tab:green")
-        ax.scatter(r["size_mb"], ppl, color=color, s=40)
+        color = "black" if r["recipe"] == "base" else ("tab:orange" if naive else "tab:green")
+        ax.scatter(r["size_mb"], ppl, color=color, s=40, marker="s" if r["recipe"] == "base" else "o")
         ax.annotate(r["recipe"], (r["size_mb"], ppl), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("size on disk (MB)")
-    ax.set_ylabel("WikiText-2 perplexity (lower is better)")
+    ax.set_xlabel("size on disk (MiB)")
+    ax.set_ylabel("WikiText-2 perplexity (log, lower is better)")
     ax.set_yscale("log")
-    ax.set_title(f"Quality against size on {table['model']} (green: SE-aware, orange: naive)")
+    ax.set_title(f"Quality against size on {table['model']}\n(black: base, green: SE-aware, orange: naive twin)", fontsize=10)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,9 +1,9 @@
 """`se-compress compress --recipe NAME`: detection once, the recipe's stages in order, the checkpoint written
-atomically, then evaluation beside the base model and the naive twin(s).
+atomically, then evaluation beside the base model and the naive twin(s) (compare.py).
 
-Kill-safety: every stage writes into a hidden work folder next to the output (`.<out>.work/`), and only the
-finished result is renamed to the output name. A re-run after a kill starts clean; an existing output is
-refused unless --force; the input model is never written to.
+Kill-safety: every stage, and the evaluation of the result, writes into a hidden work folder next to the output
+(`.<out>.work/`), and only the finished, evaluated result is renamed to the output name. A re-run after a kill
+starts clean; an existing output is refused unless --force; the input model is never written to.
 """
 import hashlib
 import json
@@ -11,18 +11,13 @@ import shutil
 import time
 from pathlib import Path
 
+from .compare import CHECKPOINTS, base_eval_dir, ensure_checkpoint, evaluate_cached, fingerprint, model_label
+from .compare import markdown, table_row, write_table
 from .detect import detect, write_report
 from .detect.rule import Criterion
-from .errors import SECompressError
 from .export.writer import check_output_path
 from .models.checkpoint import resolve_model
 from .recipe import Recipe, load_recipe
-
-CHECKPOINTS = Path("checkpoints")
-
-
-def model_label(model: str) -> str:
-    return "default" if model == "default" else Path(str(model).rstrip("/")).name.replace("/", "--")
 
 
 def default_output(model: str, recipe: Recipe) -> Path:
@@ -33,8 +28,7 @@ def se_report_for(model: str, recipe: Recipe, progress: bool = True) -> dict:
     """One detection pass per (model, detect options), cached so naive twins and later stages reuse it."""
     d = recipe.detect
     path = resolve_model(model)
-    weights_mtime = max(f.stat().st_mtime for f in path.glob("*.safetensors"))
-    key = hashlib.sha1(json.dumps([str(path.resolve()), weights_mtime, d.model_dump()], sort_keys=True).encode()).hexdigest()[:12]
+    key = hashlib.sha1(json.dumps([fingerprint(path), d.model_dump()], sort_keys=True).encode()).hexdigest()[:12]
     cache = CHECKPOINTS / ".se-reports" / f"{model_label(model)}-{key}" / "se_report.json"
     if cache.exists():
         return json.loads(cache.read_text())
@@ -79,8 +73,29 @@ def run_stage(stage, current: str, out: Path, se_report: dict, recipe: Recipe, p
     return str(out)
 
 
+def evaluate_beside_baselines(recipe: Recipe, model: str, result: Path, out: Path, progress: bool = True) -> dict:
+    """Evaluate `result` (the finished checkpoint, still in the work folder), the base model and each naive twin
+    with the same settings; the twins are made next to `out` if they do not exist yet."""
+    options = recipe.evaluate
+    base = evaluate_cached(model, options, base_eval_dir(model), "base", progress)
+    this = evaluate_cached(str(result), options, result / "eval", recipe.name, progress)
+    rows = [table_row("base", None, resolve_model(model), base, base),
+            dict(table_row(recipe.name, recipe, result, this, base), path=str(out))]
+    for name in recipe.baselines:
+        twin = load_recipe(name)
+        twin_dir = out.parent / f"{model_label(model)}-{twin.name}"
+        if progress:
+            print(f"[{recipe.name}] naive twin {twin.name}: {twin_dir}", flush=True)
+        twin_dir = ensure_checkpoint(name, model, twin_dir, progress)
+        twin_eval = evaluate_cached(str(twin_dir), options, twin_dir / "eval", twin.name, progress)
+        rows.append(table_row(twin.name, twin, twin_dir, twin_eval, base))
+    return {"model": model, "tasks": options.tasks, "evaluate": options.model_dump(), "rows": rows}
+
+
 def compress(recipe_name: str, model: str | None = None, out: str | None = None, force: bool = False,
-             progress: bool = True) -> Path:
+             progress: bool = True, evaluate: bool = True) -> Path:
+    """Run a recipe; returns the output folder. With `evaluate` (and evaluation tasks in the recipe), the result
+    is evaluated beside the base model and the recipe's baselines, and compare.md/.json/.png are written into it."""
     recipe = load_recipe(recipe_name)
     model = model or recipe.model or "default"
     src = resolve_model(model)
@@ -106,7 +121,13 @@ def compress(recipe_name: str, model: str | None = None, out: str | None = None,
         final.mkdir(exist_ok=True)
         write_report(se_report, final)
         (final / "recipe.json").write_text(json.dumps({"recipe": recipe.model_dump(), "model": model,
+                                                        "source_fingerprint": fingerprint(src),
                                                         "seconds": round(time.time() - start, 1)}, indent=2))
+        if evaluate and recipe.evaluate.tasks and final.joinpath("config.json").exists():
+            table = evaluate_beside_baselines(recipe, model, final, out, progress)
+            write_table(table, final)
+            if progress:
+                print("\n" + markdown(table), flush=True)
         if out.exists():  # only with --force (checked above)
             shutil.rmtree(out)
         final.rename(out)

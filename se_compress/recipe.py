@@ -101,9 +101,10 @@ class Stage(Strict):
 
 
 class EvaluateOptions(Strict):
-    tasks: list[str] = ["wikitext2"]
-    limit: int | None = None
-    seqlen: int | None = None
+    tasks: list[str] = ["wikitext2", "sink"]
+    limit: int | None = Field(None, ge=1, description="at most N examples per lm-eval task")
+    seqlen: int | None = Field(None, ge=2, description="perplexity window (default: the model's context)")
+    max_windows: int | None = Field(None, ge=1, description="only the first N perplexity windows")
 
 
 class Recipe(Strict):
