@@ -35,6 +35,8 @@ def _ids(tokenizer):
     ("qwen2_moe", "gptq", 3, 0, torch.bfloat16),
     ("mixtral", "rtn", 2, 8, torch.float32),
     ("deepseek_v3", "gptq", 8, 16, torch.float32),
+    ("olmoe", "gptq", 4, 16, torch.float32),
+    ("deepseek_v2", "rtn", 4, 16, torch.bfloat16),
 ])
 def test_pack_quantized_reloads_in_transformers_with_fake_quant_logits(model_type, method, bits, group_size, dtype,
                                                                       tiny_model, tokenizer, tmp_path):
