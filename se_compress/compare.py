@@ -167,7 +167,7 @@ def _fmt(value) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:.2f}" if abs(value) >= 100 else f"{value:.4g}"
+        return f"{value:.2f}" if abs(value) >= 10 else f"{value:.4f}"
     return str(value)
 
 
