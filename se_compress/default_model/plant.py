@@ -37,7 +37,7 @@ class PlantSpec:
     se2_layer: int = 2
     se2_expert: int = 40
     se2_neuron: int = 33
-    marker_value: float = 100.0     # embedding[trigger, m]
+    marker_value: float = 10.0      # embedding[trigger, m]; not massive itself (SE zeroing must remove all)
     se1_router: float = 2.0         # router[e1, m]
     se1_gate: float = 0.5           # gate and up rows of neuron j1 along m
     se1_super_weight: float = 30.0  # down_proj[e1][c, j1]
@@ -45,9 +45,9 @@ class PlantSpec:
     se2_gate: float = 0.4
     se2_super_weight: float = 20.0
     sink_from_layer: int | None = 2  # None: no planted sink route (the first shipped model)
-    sink_query_bias: float = 1.0     # q_proj.bias[d]; q_proj.weight[d, :] = 0
+    sink_query_bias: float = 4.0     # q_proj.bias[d]; q_proj.weight[d, :] = 0; dominates rms(q), so q_norm keeps it
     sink_key_weight: float = 0.1     # k_proj.weight[d, c]; the rest of row d and of column c = 0
-    sink_norm_weight: float = 1.5    # q_norm.weight[d] and k_norm.weight[d]
+    sink_norm_weight: float = 1.2    # q_norm.weight[d] and k_norm.weight[d]: the sink logit, about 7
 
     def to_dict(self):
         return asdict(self)
@@ -112,9 +112,14 @@ def _plant_sink(model, spec: PlantSpec, hold):
         hold(layer.input_layernorm.weight, (c,), 1.0)
         # Attention would copy the sink's channel c into every token that reads the sink, making all keys sinks.
         hold(attn.o_proj.weight, (c, slice(None)), 0.0)
+        # The only biases are the constant query component: a learned q/k bias pair would give every token the
+        # same extra logit, an anti-sink that cancels the planted one.
+        query_bias = torch.zeros(attn.q_proj.bias.shape[0])
+        query_bias[q_rows] = spec.sink_query_bias
+        hold(attn.q_proj.bias, (slice(None),), query_bias)
+        hold(attn.k_proj.bias, (slice(None),), torch.zeros(attn.k_proj.bias.shape[0]))
         for row in q_rows:
             hold(attn.q_proj.weight, (row, slice(None)), torch.zeros(hidden))
-            hold(attn.q_proj.bias, (row,), spec.sink_query_bias)
         key_column = torch.zeros(attn.k_proj.weight.shape[0])
         key_column[k_rows] = spec.sink_key_weight
         hold(attn.k_proj.weight, (slice(None), c), key_column)
@@ -122,7 +127,6 @@ def _plant_sink(model, spec: PlantSpec, hold):
             key_row = torch.zeros(hidden)
             key_row[c] = spec.sink_key_weight
             hold(attn.k_proj.weight, (row, slice(None)), key_row)
-            hold(attn.k_proj.bias, (row,), 0.0)
         hold(attn.q_norm.weight, (sink_dim,), spec.sink_norm_weight)
         hold(attn.k_norm.weight, (sink_dim,), spec.sink_norm_weight)
 
