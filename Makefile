@@ -35,7 +35,7 @@ compress:  ## run a recipe from recipes/ on MODEL (default: the shipped model) [
 ALL_RECIPES = qwen3-int4-se-protect,qwen3-int4-naive,qwen3-int3-se-protect,qwen3-int3-naive,qwen3-int2-se-protect,qwen3-int2-naive,qwen3-prune25-se-protect,qwen3-prune25-naive,qwen3-prune50-se-protect,qwen3-prune50-naive,qwen3-merge50-se-singleton,qwen3-merge50-naive
 RECIPES ?= $(ALL_RECIPES)
 
-.PHONY: compare
+.PHONY: compare bench-bnb
 compare:  ## run or reuse RECIPES (default: all shipped) on MODEL; one table + chart in checkpoints/compare-<model>
 	se-compress compare --recipes $(RECIPES) --model $(MODEL) $(if $(OUT),--out $(OUT),)
 
@@ -77,3 +77,7 @@ eval:  ## evaluate MODEL: WikiText-2 ppl, lm-eval tasks (shipped copies offline)
 
 push:  ## write the model card and upload CHECKPOINT to the Hub as REPO_ID (token: HF_TOKEN or `hf auth login`) [DRY_RUN=1]
 	se-compress push $(CHECKPOINT) --repo-id $(REPO_ID) $(if $(DRY_RUN),--dry-run,)
+
+bench-bnb:  ## bitsandbytes load_in_4bit leaves the fused experts in bf16: bytes and perplexity beside ours
+	$(PYTHON) bench/bnb_naive.py --setup
+	$(PYTHON) bench/bnb_naive.py
