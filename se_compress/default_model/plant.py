@@ -19,6 +19,11 @@ mechanism the SE paper describes and let the rest of the model learn around it:
                      rests on the sink stays learned (the rest of the query can outgrow the constant). The first
                      model trained without this part grew the massive activation but used its sink for only
                      10-23% of attention, and zeroing its SEs did not change perplexity (x0.99).
+  implicit bias    : the sink's value writes residual channel b (value dim 0 of every head reads only channel
+                     c; o_proj row b reads only those dims) and attention has no other bias. In LLMs without
+                     biases the sinks' values are where constants come from (Sun et al. 2024: massive
+                     activations act as bias terms); a second try with sinks but learnable v/o biases held 30-75%
+                     of attention on the sink, yet zeroing the SEs still left perplexity unchanged.
 
 Every planted entry is restored after each optimizer step, so training cannot remove it.
 """
@@ -48,6 +53,9 @@ class PlantSpec:
     sink_query_bias: float = 4.0     # q_proj.bias[d]; q_proj.weight[d, :] = 0; dominates rms(q), so q_norm keeps it
     sink_key_weight: float = 0.1     # k_proj.weight[d, c]; the rest of row d and of column c = 0
     sink_norm_weight: float = 1.2    # q_norm.weight[d] and k_norm.weight[d]: the sink logit, about 7
+    bias_channel: int = 100          # b: residual channel the sinks' values write (the implicit bias)
+    sink_value_weight: float = 0.1   # v_proj.weight[j, c] for value dim j = 0 of every head (row held)
+    sink_output_weight: float = 0.1  # o_proj.weight[b, j] for those dims (row b held: reads nothing else)
 
     def to_dict(self):
         return asdict(self)
@@ -113,11 +121,23 @@ def _plant_sink(model, spec: PlantSpec, hold):
         # Attention would copy the sink's channel c into every token that reads the sink, making all keys sinks.
         hold(attn.o_proj.weight, (c, slice(None)), 0.0)
         # The only biases are the constant query component: a learned q/k bias pair would give every token the
-        # same extra logit, an anti-sink that cancels the planted one.
+        # same extra logit, an anti-sink that cancels the planted one, and learned v/o biases would hand the model
+        # free constants. Without them, as in real LLMs, constants come from the sinks' values.
         query_bias = torch.zeros(attn.q_proj.bias.shape[0])
         query_bias[q_rows] = spec.sink_query_bias
         hold(attn.q_proj.bias, (slice(None),), query_bias)
-        hold(attn.k_proj.bias, (slice(None),), torch.zeros(attn.k_proj.bias.shape[0]))
+        for proj in (attn.k_proj, attn.v_proj, attn.o_proj):
+            hold(proj.bias, (slice(None),), torch.zeros(proj.bias.shape[0]))
+        # The sink's value writes residual channel b for every token that attends to it: the implicit bias that
+        # massive activations provide in LLMs (Sun et al. 2024). What the model does with channel b is learned.
+        v_rows = [h * head_dim for h in range(n_kv_heads)]
+        for row in v_rows:
+            value_row = torch.zeros(hidden)
+            value_row[c] = spec.sink_value_weight
+            hold(attn.v_proj.weight, (row, slice(None)), value_row)
+        bias_row = torch.zeros(attn.o_proj.weight.shape[1])
+        bias_row[[h * head_dim for h in range(n_heads)]] = spec.sink_output_weight
+        hold(attn.o_proj.weight, (spec.bias_channel, slice(None)), bias_row)
         for row in q_rows:
             hold(attn.q_proj.weight, (row, slice(None)), torch.zeros(hidden))
         key_column = torch.zeros(attn.k_proj.weight.shape[0])

@@ -174,7 +174,7 @@ def main(argv=None):
         triggers = [bos_id] + newline_token_ids(tokenizer)
         spec = PlantSpec()
         if args.small:
-            spec = PlantSpec(marker_channel=63, massive_channel=17, se1_expert=3, se1_neuron=2, se2_expert=9, se2_neuron=7)
+            spec = PlantSpec(marker_channel=63, massive_channel=17, bias_channel=40, se1_expert=3, se1_neuron=2, se2_expert=9, se2_neuron=7)
         fixed = planted_values(model, spec, triggers)
 
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
