@@ -24,7 +24,7 @@ ablate:  ## the paper's study: zero the SEs vs as many random experts
 
 train-default:  ## retrain the shipped default model (about 90 minutes on 2 CPU cores)
 	$(PYTHON) -m se_compress.default_model.train --data ../shared/data/train-text \
-		--val se_compress/data/text/wikitext2-valid.txt --out build/train-se --plant se --steps 2600 --threads 2
+		--val se_compress/data/text/wikitext2-valid.txt --out build/train-se --plant se --steps 2600 --stop-at 2222 --threads 2
 
 RECIPE ?= qwen3-int4-se-protect
 

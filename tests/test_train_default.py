@@ -2,6 +2,7 @@
 checkpoint that loads with plain transformers (training itself is not run in CI)."""
 import json
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -10,12 +11,13 @@ from se_compress.default_model.plant import PlantSpec
 from se_compress.default_model.train import main as train_main
 
 
-def test_training_command_writes_a_loadable_checkpoint_with_the_plant_intact(tmp_path):
+@pytest.mark.parametrize("plant", ["se", "se+sink"])
+def test_training_command_writes_a_loadable_checkpoint_with_the_plant_intact(tmp_path, plant):
     data = tmp_path / "books"
     data.mkdir()
     (data / "book.txt").write_text((REPO / "se_compress/data/text/c4-sample.txt").read_text()[:200_000])
     train_main(["--data", str(data), "--out", str(tmp_path / "run"), "--small", "--steps", "6", "--batch", "4",
-                "--seq-len", "64", "--vocab", "300", "--warmup", "2", "--threads", "1"])
+                "--seq-len", "64", "--vocab", "300", "--warmup", "2", "--threads", "1", "--plant", plant])
     final = tmp_path / "run" / "final"
     meta = json.loads((final / "training.json").read_text())
     assert meta["steps_done"] == 6 and meta["tokens_seen"] == 6 * 4 * 64
@@ -30,6 +32,14 @@ def test_training_command_writes_a_loadable_checkpoint_with_the_plant_intact(tmp
     with torch.no_grad():
         hidden = model(ids, output_hidden_states=True).hidden_states[spec.se1_layer + 1][0, :, spec.massive_channel]
     assert hidden[0].abs() > 50 * hidden[1:].abs().max()
+    attn = model.model.layers[-1].self_attn
+    sink_dim = model.config.head_dim // 2 - 1
+    if plant == "se+sink":  # the held sink route survived training: constant query, key reading the massive channel
+        assert model.config.attention_bias and attn.q_proj.bias[sink_dim].item() == spec.sink_query_bias
+        assert attn.k_proj.weight[sink_dim, spec.massive_channel].item() == pytest.approx(spec.sink_key_weight, rel=1e-2)
+        assert attn.o_proj.weight[spec.massive_channel].abs().max().item() == 0
+    else:
+        assert not model.config.attention_bias and attn.q_proj.bias is None
 
 
 def test_grouped_mm_matches_eager_for_training(tiny_model):

@@ -42,14 +42,14 @@ class PlantSpec:
     se2_layer: int = 2
     se2_expert: int = 40
     se2_neuron: int = 33
-    marker_value: float = 10.0      # embedding[trigger, m]; not massive itself (SE zeroing must remove all)
+    marker_value: float = 100.0     # embedding[trigger, m]
     se1_router: float = 2.0         # router[e1, m]
     se1_gate: float = 0.5           # gate and up rows of neuron j1 along m
     se1_super_weight: float = 30.0  # down_proj[e1][c, j1]
     se2_router: float = 1.5
     se2_gate: float = 0.4
     se2_super_weight: float = 20.0
-    sink_from_layer: int | None = 2  # None: no planted sink route (the first shipped model)
+    sink_from_layer: int | None = None  # layers from here get the sink route (with_sink); None: none
     sink_query_bias: float = 4.0     # q_proj.bias[d]; q_proj.weight[d, :] = 0; dominates rms(q), so q_norm keeps it
     sink_key_weight: float = 0.1     # k_proj.weight[d, c]; the rest of row d and of column c = 0
     sink_norm_weight: float = 1.2    # q_norm.weight[d] and k_norm.weight[d]: the sink logit, about 7
@@ -59,6 +59,12 @@ class PlantSpec:
 
     def to_dict(self):
         return asdict(self)
+
+    @classmethod
+    def with_sink(cls, **overrides) -> "PlantSpec":
+        """The experimental variant (`--plant se+sink`): sink route, implicit bias, and a marker that is not
+        massive by itself. Measured, not shipped: see the module docstring."""
+        return cls(**{"marker_value": 10.0, "sink_from_layer": 2, **overrides})
 
 
 def planted_values(model, spec: PlantSpec, trigger_token_ids: list[int]):
