@@ -121,8 +121,9 @@ def main(argv=None):
     if args.resume:
         previous = tmp if tmp.exists() else out_dir / "quant.json"
         results = json.loads(previous.read_text()) if previous.exists() else None
-    if results is not None and args.redo:
-        results["rows"] = [r for r in results["rows"] if r.get("policy") not in args.redo]
+    if results is not None:
+        if args.redo:
+            results["rows"] = [r for r in results["rows"] if r.get("policy") not in args.redo]
         results.setdefault("reruns", []).append("python bench/quant.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     if results is None:
         env = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS",) if k in os.environ)
