@@ -153,13 +153,14 @@ def markdown(table: dict) -> str:
         cells = [r["recipe"], r["method"], r["se_policy"], f"{r['size_mb']:.1f}", _fmt(ppl), ratio]
         cells += [_fmt(_metric(r, t)) for t in tasks]
         cells += [_fmt(_metric(r, "sink_first_token")), _fmt(_metric(r, "d_sink")), _fmt(_metric(r, "repetition")),
-                  _fmt(r.get("compress_seconds"))]
+                  "-" if r.get("compress_seconds") is None else f"{r['compress_seconds']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     ev = table.get("evaluate") or {}
     lines += ["", "WikiText-2 perplexity in the GPTQ convention (raw test"
               + (f", first {ev['max_windows']} windows" if ev.get("max_windows") else "") + "); sink: mean attention on "
               "the first token over layers; D_sink: change of the per-head first-token attention against the base "
-              "(mean over layers); rep4: repeated 4-grams in greedy generations; time: compression wall time.", ""]
+              "(mean over layers); rep4: repeated 4-grams in greedy generations; time: compression wall time (the detection "
+              "pass is cached per model and shared by its recipes).", ""]
     return "\n".join(lines)
 
 
@@ -171,26 +172,45 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def _pair_name(recipe: str) -> str:
+    """qwen3-int4-se-protect and qwen3-int4-naive -> int4: the label a recipe and its twin share."""
+    name = recipe.removeprefix("qwen3-")
+    for suffix in ("-se-protect", "-se-singleton", "-naive"):
+        name = name.removesuffix(suffix)
+    return name
+
+
 def plot(table: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    labelled = set()
     for r in table["rows"]:
         ppl = _metric(r, "wikitext2_ppl")
         if ppl is None:
             continue
+        if r["recipe"] == "base":
+            ax.scatter(r["size_mb"], ppl, color="black", marker="s", s=50, label="base", zorder=3)
+            continue
         naive = "naive" in r["recipe"]
-        color = "black" if r["recipe"] == "base" else ("tab:orange" if naive else "tab:green")
-        ax.scatter(r["size_mb"], ppl, color=color, s=40, marker="s" if r["recipe"] == "base" else "o")
-        ax.annotate(r["recipe"], (r["size_mb"], ppl), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        kind = "quantize" if "W" in r["method"] else ("merge" if "merge" in r["method"] else "prune")
+        marker = {"quantize": "o", "prune": "^", "merge": "D"}[kind]
+        ax.scatter(r["size_mb"], ppl, color="tab:orange" if naive else "tab:green", marker=marker, s=45, zorder=3,
+                   label=("naive twin" if naive else "SE-aware") if ("naive" if naive else "se") not in labelled else None)
+        labelled.add("naive" if naive else "se")
+        pair = _pair_name(r["recipe"])
+        if pair not in labelled:
+            labelled.add(pair)
+            ax.annotate(pair, (r["size_mb"], ppl), fontsize=8, xytext=(6, -3), textcoords="offset points")
     ax.set_xlabel("size on disk (MiB)")
     ax.set_ylabel("WikiText-2 perplexity (log, lower is better)")
     ax.set_yscale("log")
-    ax.set_title(f"Quality against size on {table['model']}\n(black: base, green: SE-aware, orange: naive twin)", fontsize=10)
+    ax.set_title(f"Quality against size on {table['model']} (o quantize, ^ prune, D merge)", fontsize=10)
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="center right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
