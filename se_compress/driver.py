@@ -112,8 +112,9 @@ def compress(recipe_name: str, model: str | None = None, out: str | None = None,
         for i, stage in enumerate(recipe.stages):
             if i > 0 and recipe.stages[i - 1].kind in ("prune", "merge"):
                 # Expert numbers changed: find the SEs again in the smaller model.
-                se_report = detect(current, calib=recipe.detect.calib, samples=recipe.detect.samples,
-                                   seqlen=recipe.detect.seqlen, seed=recipe.detect.seed, progress=progress)
+                d = recipe.detect
+                se_report = detect(current, calib=d.calib, samples=d.samples, seqlen=d.seqlen, seed=d.seed,
+                                   criterion=Criterion(d.quantile, d.max_fraction, d.layers), progress=progress)
             stage_out = final if i == len(recipe.stages) - 1 else work / f"stage{i}-{stage.kind}"
             if progress:
                 print(f"[{recipe.name}] stage {i + 1}/{len(recipe.stages)}: {stage.kind} {stage.options.model_dump(exclude_none=True)}", flush=True)
