@@ -40,7 +40,11 @@ def evaluate_cached(model: str, options: EvaluateOptions, out: Path, label: str,
     from .eval.run import evaluate_checkpoint
 
     out = Path(out)
-    request = {"fingerprint": fingerprint(resolve_model(model)), "options": options.model_dump()}
+    import torch
+
+    # The device decides the dtype of the evaluation (bf16 on a GPU, fp32 on CPU): part of what was measured.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    request = {"fingerprint": fingerprint(resolve_model(model)), "options": options.model_dump(), "device": device}
     stamp = out / "request.json"
     if (out / "eval.json").exists() and stamp.exists() and json.loads(stamp.read_text()) == request:
         if progress:
@@ -100,6 +104,9 @@ def ensure_checkpoint(recipe_name: str, model: str, out: Path, progress: bool = 
         meta = json.loads(meta_path.read_text())
         if meta.get("recipe") == recipe.model_dump() and meta.get("source_fingerprint") == fingerprint(resolve_model(model)):
             return out
+        if meta.get("model") != model:  # same folder name, another model: not ours to replace
+            raise SECompressError(f"{out} holds '{recipe.name}' of another model ({meta.get('model')}): move it away "
+                                  f"to compress {model}")
     elif out.exists():
         raise SECompressError(f"{out} exists and was not written by se-compress compress: move it away to compare "
                               f"with '{recipe.name}'")
@@ -123,8 +130,15 @@ def compare(recipes: list[str], model: str = "default", out: Path | None = None,
         raise SECompressError(f"{', '.join(studies)}: a study, not a compressed model; run it with se-compress "
                               "compress and leave it out of --recipes")
     first = loaded[0].evaluate
-    options = EvaluateOptions(tasks=tasks if tasks is not None else first.tasks, limit=limit or first.limit,
-                              seqlen=first.seqlen, max_windows=max_windows or first.max_windows)
+    for flag, value in (("--limit", limit), ("--max-windows", max_windows)):
+        if value is not None and value < 1:
+            raise SECompressError(f"{flag} must be at least 1 (got {value})")
+    options = EvaluateOptions(tasks=tasks if tasks is not None else first.tasks,
+                              limit=limit if limit is not None else first.limit, seqlen=first.seqlen,
+                              max_windows=max_windows if max_windows is not None else first.max_windows)
+    from .eval.tasks import plan_tasks
+
+    plan_tasks(options.tasks)  # an unknown task fails before anything is compressed
     out = Path(out or CHECKPOINTS / f"compare-{model_label(model)}")
     base = evaluate_cached(model, options, base_eval_dir(model), "base", progress)
     rows = [table_row("base", None, resolve_model(model), base, base)]

@@ -15,6 +15,7 @@ from .compare import CHECKPOINTS, base_eval_dir, ensure_checkpoint, evaluate_cac
 from .compare import markdown, table_row, write_table
 from .detect import detect, write_report
 from .detect.rule import Criterion
+from .errors import SECompressError
 from .export.writer import check_output_path
 from .models.checkpoint import resolve_model
 from .recipe import Recipe, load_recipe
@@ -81,15 +82,34 @@ def evaluate_beside_baselines(recipe: Recipe, model: str, result: Path, out: Pat
     this = evaluate_cached(str(result), options, result / "eval", recipe.name, progress)
     rows = [table_row("base", None, resolve_model(model), base, base),
             dict(table_row(recipe.name, recipe, result, this, base), path=str(out))]
+    this["path"] = str(out)  # where it will be once renamed; eval.json is rewritten with it
+    (result / "eval" / "eval.json").write_text(json.dumps(this, indent=2))
     for name in recipe.baselines:
         twin = load_recipe(name)
-        twin_dir = out.parent / f"{model_label(model)}-{twin.name}"
+        twin_dir = default_output(model, twin)
         if progress:
             print(f"[{recipe.name}] naive twin {twin.name}: {twin_dir}", flush=True)
         twin_dir = ensure_checkpoint(name, model, twin_dir, progress)
         twin_eval = evaluate_cached(str(twin_dir), options, twin_dir / "eval", twin.name, progress)
         rows.append(table_row(twin.name, twin, twin_dir, twin_eval, base))
     return {"model": model, "tasks": options.tasks, "evaluate": options.model_dump(), "rows": rows}
+
+
+def check_evaluation(recipe: Recipe, model: str, out: Path) -> None:
+    """Everything the evaluation will need that can be wrong in the input: task names, baseline recipes, and
+    where their checkpoints go (never the output itself, never a folder se_compress did not write)."""
+    from .eval.tasks import plan_tasks
+
+    plan_tasks(recipe.evaluate.tasks)
+    for name in recipe.baselines:
+        twin = load_recipe(name)
+        twin_dir = default_output(model, twin)
+        if twin.name == recipe.name or twin_dir.resolve() == out.resolve():
+            raise SECompressError(f"recipe '{recipe.name}': baseline '{name}' would be written to the output "
+                                  f"{out} itself; pick another --out or remove it from baselines")
+        if twin_dir.exists() and not (twin_dir / "recipe.json").exists():
+            raise SECompressError(f"{twin_dir} (for baseline '{twin.name}') exists and was not written by "
+                                  "se-compress compress: move it away")
 
 
 def compress(recipe_name: str, model: str | None = None, out: str | None = None, force: bool = False,
@@ -101,6 +121,8 @@ def compress(recipe_name: str, model: str | None = None, out: str | None = None,
     src = resolve_model(model)
     out = Path(out) if out else default_output(model, recipe)
     check_output_path(src, out, force)
+    if evaluate and recipe.evaluate.tasks:
+        check_evaluation(recipe, model, out)  # bad baselines or tasks fail now, not after the compression
     work = out.parent / f".{out.name}.work"
     shutil.rmtree(work, ignore_errors=True)  # leftovers of a killed run
     work.mkdir(parents=True)

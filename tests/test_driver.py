@@ -6,7 +6,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import pytest
@@ -66,14 +66,14 @@ def test_compress_writes_checkpoint_reports_and_comparison_and_leaves_the_input_
     assert ours["se_policy"] == "noclip+calib" and twin["se_policy"] == "none"
     assert ours["size_mb"] < base["size_mb"]
     assert ours["metrics"]["d_sink"] is not None and base["metrics"]["d_sink"] is None
-    assert (work / f"{model.name}-tiny-int4-naive" / "compression_report.json").exists()  # the twin was made
+    assert (work / "checkpoints" / f"{model.name}-tiny-int4-naive" / "compression_report.json").exists()  # the twin
     # The comparison is printed, with the naive twin beside the result.
     assert "| tiny-int4-se |" in printed and "| tiny-int4-naive |" in printed and "| base |" in printed
 
     # A second run refuses to overwrite; --force replaces, reusing the base and twin evaluations.
     assert main(["compress", "--recipe", str(recipe), "--model", str(model), "--out", str(out)]) == 2
     assert "--force" in capsys.readouterr().err
-    twin_eval = work / f"{model.name}-tiny-int4-naive" / "eval" / "eval.json"
+    twin_eval = work / "checkpoints" / f"{model.name}-tiny-int4-naive" / "eval" / "eval.json"
     stamp = twin_eval.stat().st_mtime_ns
     assert main(["compress", "--recipe", str(recipe), "--model", str(model), "--out", str(out), "--force"]) == 0
     assert "reusing" in capsys.readouterr().out and twin_eval.stat().st_mtime_ns == stamp
@@ -98,6 +98,8 @@ def test_a_killed_run_leaves_nothing_that_looks_complete_and_reruns(setup, kill_
                "--out", str(out)]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=work,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    watchdog = threading.Timer(600, proc.kill)  # a run that never prints the line must not hang the suite
+    watchdog.start()
     seen = []
     for line in proc.stdout:
         seen.append(line)
@@ -105,10 +107,10 @@ def test_a_killed_run_leaves_nothing_that_looks_complete_and_reruns(setup, kill_
             proc.send_signal(signal.SIGKILL)
             break
     proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "".join(seen[-20:])
-    time.sleep(0.2)
-    assert not out.exists()  # only a hidden work folder may remain, never a checkpoint at the output name
-    assert all(p.name.startswith(".") for p in work.iterdir() if p.name.startswith("out"))
+    watchdog.cancel()
+    assert proc.returncode == -signal.SIGKILL and kill_at in seen[-1], "".join(seen[-20:])
+    assert not out.exists()  # only the hidden work folder may remain, never a checkpoint at the output name
+    assert (work / ".out.work").exists()
 
     assert main(["compress", "--recipe", str(recipe), "--model", str(model), "--out", str(out)]) == 0
     assert (out / "compare.json").exists() and not list(work.glob(".*.work"))
@@ -137,3 +139,19 @@ def test_compare_builds_one_table_and_reuses_results(setup, capsys):
 def test_compare_refuses_a_study_recipe(setup, capsys):
     assert main(["compare", "--recipes", "paper-ablation"]) == 2
     assert "study" in capsys.readouterr().err
+
+
+def test_bad_evaluation_input_fails_before_any_compression(setup, capsys):
+    work, model, recipe = setup
+    broken = work / "broken.yaml"
+    broken.write_text(recipe.read_text().replace(str(work / "tiny-int4-naive.yaml"), "no-such-twin"))
+    assert main(["compress", "--recipe", str(broken), "--model", str(model), "--out", "out"]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-twin" in err and err.count("\n") == 1
+    assert not (work / "out").exists() and not (work / ".out.work").exists() and not (work / "checkpoints").exists()
+    # the output may not be the naive twin's own folder
+    twin_dir = work / "checkpoints" / f"{model.name}-tiny-int4-naive"
+    assert main(["compress", "--recipe", str(recipe), "--model", str(model), "--out", str(twin_dir)]) == 2
+    assert "baseline" in capsys.readouterr().err and not twin_dir.exists()
+    assert main(["compare", "--recipes", str(recipe), "--model", str(model), "--limit", "0"]) == 2
+    assert "--limit" in capsys.readouterr().err
