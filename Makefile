@@ -31,9 +31,8 @@ RECIPE ?= qwen3-int4-se-protect
 compress:  ## run a recipe from recipes/ on MODEL (default: the shipped model) [RECIPE=... OUT=... FORCE=1]
 	se-compress compress --recipe $(RECIPE) --model $(MODEL) $(if $(OUT),--out $(OUT),) $(if $(FORCE),--force,)
 
-# Every shipped compression recipe (paper-ablation is a study, not a model: `make compress RECIPE=paper-ablation`).
-ALL_RECIPES = qwen3-int4-se-protect,qwen3-int4-naive,qwen3-int3-se-protect,qwen3-int3-naive,qwen3-int2-se-protect,qwen3-int2-naive,qwen3-prune25-se-protect,qwen3-prune25-naive,qwen3-prune50-se-protect,qwen3-prune50-naive,qwen3-merge50-se-singleton,qwen3-merge50-naive
-RECIPES ?= $(ALL_RECIPES)
+# all: every shipped recipe except studies (paper-ablation: `make compress RECIPE=paper-ablation`).
+RECIPES ?= all
 
 .PHONY: compare bench-bnb
 compare:  ## run or reuse RECIPES (default: all shipped) on MODEL; one table + chart in checkpoints/compare-<model>

@@ -77,7 +77,9 @@ def cmd_ablate(args):
     out = Path(args.out or f"checkpoints/{Path(args.model).name or 'model'}-ablation")
     common = dict(allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
     if args.se_report:
-        se_report = _read_json(args.se_report)
+        from .prune.common import read_se_report
+
+        se_report = read_se_report(args.se_report)
     else:
         se_report = detect(args.model, calib=args.calib, samples=args.samples, seqlen=args.seqlen, seed=args.seed,
                            criterion=_criterion(args), batch_size=args.batch_size, **common)
@@ -116,15 +118,6 @@ def cmd_compare(args):
     print(f"written: {table['out']}/compare.md, compare.json, compare.png")
 
 
-def _read_json(path):
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise SECompressError(f"file not found: {path}") from None
-    except ValueError:
-        raise SECompressError(f"{path} is not valid JSON: pass the se_report.json written by se-compress detect") from None
-
-
 def _parse_group_size(text):
     if text in ("0", "channel", "per-channel", "-1"):
         return 0
@@ -136,10 +129,9 @@ def _parse_group_size(text):
 def cmd_quantize(args):
     from .quant import quantize_model
 
-    se_report = None
-    if args.se_report:
-        path = Path(args.se_report)
-        se_report = _read_json(path / "se_report.json" if path.is_dir() else path)
+    from .prune.common import read_se_report
+
+    se_report = read_se_report(args.se_report) if args.se_report else None
     out = Path(args.out or f"checkpoints/{Path(args.model).name or 'model'}-w{args.bits}-{args.method}")
     result = quantize_model(
         args.model, out, method=args.method, bits=args.bits, group_size=_parse_group_size(args.group_size),
@@ -280,7 +272,8 @@ def build_parser():
                                    "from the same recipe and weights), evaluate every result and the base model with "
                                    "the same settings, and write compare.md (method, SE policy, size, perplexity, "
                                    "task scores, sink, D_sink, repetition, time), compare.json and compare.png.")
-    p.add_argument("--recipes", required=True, help="comma list of recipe names or YAML paths")
+    p.add_argument("--recipes", required=True, help="comma list of recipe names or YAML paths, or 'all' (every shipped "
+                   "recipe except studies)")
     p.add_argument("--model", default="default", help="checkpoint folder, Hub id or 'default' (the shipped model)")
     p.add_argument("--out", default=None, help="folder for the table (default checkpoints/compare-<model>)")
     p.add_argument("--tasks", default=None, help="comma list of evaluations (default: the first recipe's)")

@@ -15,13 +15,17 @@ from pathlib import Path
 
 from .errors import SECompressError
 from .models.checkpoint import resolve_model
-from .recipe import EvaluateOptions, Recipe, load_recipe
+from .recipe import EvaluateOptions, Recipe, available_recipes, load_recipe
 
 CHECKPOINTS = Path("checkpoints")
 
 
 def model_label(model: str) -> str:
     return "default" if model == "default" else Path(str(model).rstrip("/")).name.replace("/", "--")
+
+
+def default_output(model: str, recipe: Recipe) -> Path:
+    return CHECKPOINTS / f"{model_label(model)}-{recipe.name}"
 
 
 def size_mb(path: Path) -> float:
@@ -93,24 +97,46 @@ def table_row(name: str, recipe: Recipe | None, checkpoint: Path, result: dict, 
             "compress_seconds": meta.get("seconds"), "metrics": metrics, "path": str(checkpoint)}
 
 
-def ensure_checkpoint(recipe_name: str, model: str, out: Path, progress: bool = True) -> Path:
-    """The recipe's checkpoint of `model` at `out`: reused when it was made from the same recipe and weights,
-    otherwise (re)made. Only folders the driver wrote (with recipe.json) are ever replaced."""
+def refuse_foreign(out: Path, recipe: Recipe, model: str) -> dict | None:
+    """recipe.json of the driver's checkpoint at `out` (None when there is none); a folder the driver did not
+    write, or one it wrote for another model, is not ours to replace."""
+    meta_path = out / "recipe.json"
+    if not meta_path.exists():
+        if out.exists():
+            raise SECompressError(f"{out} (for recipe '{recipe.name}') exists and was not written by se-compress "
+                                  "compress: move it away")
+        return None
+    meta = json.loads(meta_path.read_text())
+    if meta.get("model") != model:
+        raise SECompressError(f"{out} holds '{recipe.name}' of another model ({meta.get('model')}): move it away "
+                              f"to compress {model}")
+    return meta
+
+
+def ensure_checkpoint(recipe_name: str, model: str, progress: bool = True) -> Path:
+    """The recipe's checkpoint of `model` in checkpoints/: reused when it was made from the same recipe and weights,
+    otherwise (re)made."""
     from .driver import compress
 
     recipe = load_recipe(recipe_name)
-    meta_path = out / "recipe.json"
-    if meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("recipe") == recipe.model_dump() and meta.get("source_fingerprint") == fingerprint(resolve_model(model)):
-            return out
-        if meta.get("model") != model:  # same folder name, another model: not ours to replace
-            raise SECompressError(f"{out} holds '{recipe.name}' of another model ({meta.get('model')}): move it away "
-                                  f"to compress {model}")
-    elif out.exists():
-        raise SECompressError(f"{out} exists and was not written by se-compress compress: move it away to compare "
-                              f"with '{recipe.name}'")
+    out = default_output(model, recipe)
+    meta = refuse_foreign(out, recipe, model)
+    if meta and meta.get("recipe") == recipe.model_dump() and meta.get("source_fingerprint") == fingerprint(resolve_model(model)):
+        return out
     return compress(recipe_name, model=model, out=str(out), force=out.exists(), evaluate=False, progress=progress)
+
+
+def evaluated_rows(model: str, recipes: list[str], options: EvaluateOptions, progress: bool = True) -> tuple[dict, list[dict]]:
+    """(eval.json of the base model, table rows of the base and of each recipe's checkpoint, made if needed),
+    all evaluated with `options`."""
+    base = evaluate_cached(model, options, base_eval_dir(model), "base", progress)
+    rows = [table_row("base", None, resolve_model(model), base, base)]
+    for name in recipes:
+        recipe = load_recipe(name)
+        ckpt = ensure_checkpoint(name, model, progress)
+        result = evaluate_cached(str(ckpt), options, ckpt / "eval", recipe.name, progress)
+        rows.append(table_row(recipe.name, recipe, ckpt, result, base))
+    return base, rows
 
 
 def write_table(table: dict, out: Path) -> Path:
@@ -124,8 +150,9 @@ def write_table(table: dict, out: Path) -> Path:
 def compare(recipes: list[str], model: str = "default", out: Path | None = None, tasks: list[str] | None = None,
             limit: int | None = None, max_windows: int | None = None, progress: bool = True) -> dict:
     """Run (or reuse) each recipe on `model`, evaluate every result with the same settings beside the base model."""
+    recipes = expand_recipes(recipes)
     loaded = [load_recipe(name) for name in recipes]
-    studies = [r.name for r in loaded if any(s.kind == "ablate" for s in r.stages)]
+    studies = [r.name for r in loaded if _is_study(r)]
     if studies:
         raise SECompressError(f"{', '.join(studies)}: a study, not a compressed model; run it with se-compress "
                               "compress and leave it out of --recipes")
@@ -140,15 +167,21 @@ def compare(recipes: list[str], model: str = "default", out: Path | None = None,
 
     plan_tasks(options.tasks)  # an unknown task fails before anything is compressed
     out = Path(out or CHECKPOINTS / f"compare-{model_label(model)}")
-    base = evaluate_cached(model, options, base_eval_dir(model), "base", progress)
-    rows = [table_row("base", None, resolve_model(model), base, base)]
-    for name, recipe in zip(recipes, loaded):
-        ckpt = ensure_checkpoint(name, model, CHECKPOINTS / f"{model_label(model)}-{recipe.name}", progress)
-        result = evaluate_cached(str(ckpt), options, ckpt / "eval", recipe.name, progress)
-        rows.append(table_row(recipe.name, recipe, ckpt, result, base))
+    _, rows = evaluated_rows(model, recipes, options, progress)
     table = {"model": model, "tasks": options.tasks, "evaluate": options.model_dump(), "rows": rows, "out": str(out)}
     write_table(table, out)
     return table
+
+
+def expand_recipes(names: list[str]) -> list[str]:
+    """`all`: every shipped recipe that makes a compressed model (studies such as paper-ablation left out)."""
+    if names == ["all"]:
+        return [name for name in available_recipes() if not _is_study(load_recipe(name))]
+    return names
+
+
+def _is_study(recipe: Recipe) -> bool:
+    return any(stage.kind == "ablate" for stage in recipe.stages)
 
 
 def _metric(row: dict, key: str):

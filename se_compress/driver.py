@@ -11,18 +11,14 @@ import shutil
 import time
 from pathlib import Path
 
-from .compare import CHECKPOINTS, base_eval_dir, ensure_checkpoint, evaluate_cached, fingerprint, model_label
-from .compare import markdown, table_row, write_table
+from .compare import CHECKPOINTS, default_output, evaluate_cached, evaluated_rows, fingerprint, model_label
+from .compare import markdown, refuse_foreign, table_row, write_table
 from .detect import detect, write_report
 from .detect.rule import Criterion
 from .errors import SECompressError
 from .export.writer import check_output_path
 from .models.checkpoint import resolve_model
 from .recipe import Recipe, load_recipe
-
-
-def default_output(model: str, recipe: Recipe) -> Path:
-    return CHECKPOINTS / f"{model_label(model)}-{recipe.name}"
 
 
 def se_report_for(model: str, recipe: Recipe, progress: bool = True) -> dict:
@@ -76,22 +72,13 @@ def run_stage(stage, current: str, out: Path, se_report: dict, recipe: Recipe, p
 
 def evaluate_beside_baselines(recipe: Recipe, model: str, result: Path, out: Path, progress: bool = True) -> dict:
     """Evaluate `result` (the finished checkpoint, still in the work folder), the base model and each naive twin
-    with the same settings; the twins are made next to `out` if they do not exist yet."""
+    with the same settings; the twins are made in checkpoints/ if they do not exist yet."""
     options = recipe.evaluate
-    base = evaluate_cached(model, options, base_eval_dir(model), "base", progress)
+    base, rows = evaluated_rows(model, recipe.baselines, options, progress)
     this = evaluate_cached(str(result), options, result / "eval", recipe.name, progress)
-    rows = [table_row("base", None, resolve_model(model), base, base),
-            dict(table_row(recipe.name, recipe, result, this, base), path=str(out))]
     this["path"] = str(out)  # where it will be once renamed; eval.json is rewritten with it
     (result / "eval" / "eval.json").write_text(json.dumps(this, indent=2))
-    for name in recipe.baselines:
-        twin = load_recipe(name)
-        twin_dir = default_output(model, twin)
-        if progress:
-            print(f"[{recipe.name}] naive twin {twin.name}: {twin_dir}", flush=True)
-        twin_dir = ensure_checkpoint(name, model, twin_dir, progress)
-        twin_eval = evaluate_cached(str(twin_dir), options, twin_dir / "eval", twin.name, progress)
-        rows.append(table_row(twin.name, twin, twin_dir, twin_eval, base))
+    rows.insert(1, dict(table_row(recipe.name, recipe, result, this, base), path=str(out)))
     return {"model": model, "tasks": options.tasks, "evaluate": options.model_dump(), "rows": rows}
 
 
@@ -107,9 +94,7 @@ def check_evaluation(recipe: Recipe, model: str, out: Path) -> None:
         if twin.name == recipe.name or twin_dir.resolve() == out.resolve():
             raise SECompressError(f"recipe '{recipe.name}': baseline '{name}' would be written to the output "
                                   f"{out} itself; pick another --out or remove it from baselines")
-        if twin_dir.exists() and not (twin_dir / "recipe.json").exists():
-            raise SECompressError(f"{twin_dir} (for baseline '{twin.name}') exists and was not written by "
-                                  "se-compress compress: move it away")
+        refuse_foreign(twin_dir, twin, model)
 
 
 def compress(recipe_name: str, model: str | None = None, out: str | None = None, force: bool = False,

@@ -52,3 +52,14 @@ def test_typos_and_wrong_types_are_one_line(tmp_path, text, needles):
 def test_unknown_recipe_lists_the_shipped_ones():
     with pytest.raises(SECompressError, match="qwen3-int4-se-protect"):
         load_recipe("qwen3-int5-se-protect")
+
+
+def test_compare_all_means_every_shipped_compression_recipe_with_its_twin():
+    from se_compress.compare import expand_recipes
+
+    names = expand_recipes(["all"])
+    assert "paper-ablation" not in names and "qwen3-int4-se-protect" in names
+    for name in names:  # each recipe's naive twins are in the table beside it
+        assert set(load_recipe(name).baselines) <= set(names)
+    assert len(names) == len(available_recipes()) - 1
+    assert expand_recipes(["qwen3-int4-naive"]) == ["qwen3-int4-naive"]

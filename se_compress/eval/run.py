@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import SECompressError
+from ..errors import SECompressError, read_json_report
 from ..models.checkpoint import DEFAULT_MODEL_DIR, Checkpoint, resolve_model
 from .tasks import DEFAULT_TASKS, parse_task_list, plan_tasks, primary_metric, task_manager
 
@@ -380,16 +380,7 @@ def write_eval(result: dict, out: Path) -> Path:
 
 def read_eval(path) -> dict:
     """An eval.json (or the folder holding it)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "eval.json"
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise SECompressError(f"eval results not found: {path} (run se-compress eval first)") from None
-    except ValueError:
-        raise SECompressError(f"{path} is not valid JSON: pass an eval.json written by se-compress eval") from None
-    return data
+    return read_json_report(path, "eval.json", "eval results", "se-compress eval")
 
 
 __all__ = ["DEFAULT_TASKS", "evaluate_checkpoint", "comparison_markdown", "d_sink_between", "flat_metrics",

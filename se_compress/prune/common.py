@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import SECompressError
+from ..errors import SECompressError, read_json_report
 from ..export.writer import CheckpointWriter
 
 REPORT_NAME = "compression_report.json"
@@ -75,15 +75,7 @@ def target_count(config, num_experts: int, fraction: float | None, keep: int | N
 # ---- the SE report and per-expert statistics --------------------------------------------------------------------
 
 def read_se_report(path) -> dict:
-    path = Path(path)
-    if path.is_dir():
-        path = path / "se_report.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise SECompressError(f"SE report not found: {path} (pass the se_report.json written by se-compress detect)") from None
-    except ValueError:
-        raise SECompressError(f"{path} is not valid JSON: pass the se_report.json written by se-compress detect") from None
+    return read_json_report(path, "se_report.json", "SE report", "se-compress detect")
 
 
 def check_se_report(report: dict, config, adapter, source: str = "the SE report") -> dict:
