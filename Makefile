@@ -22,7 +22,7 @@ detect:  ## find the Super Experts of MODEL
 ablate:  ## the paper's study: zero the SEs vs as many random experts
 	se-compress ablate $(MODEL) $(if $(OUT),--out $(OUT),)
 
-train-default:  ## retrain the shipped default model (its settings and thread count; about 100 minutes)
+train-default:  ## retrain the shipped default model (its settings and thread count; about 110 minutes)
 	$(PYTHON) -m se_compress.default_model.train --data ../shared/data/train-text \
 		--val se_compress/data/text/wikitext2-valid.txt --out build/train-se --plant se --steps 2600 --stop-at 2222 --threads 1
 

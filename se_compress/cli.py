@@ -213,10 +213,17 @@ def cmd_eval(args):
         import torch
 
         torch.set_num_threads(args.threads)
-    evaluate_checkpoint(args.model, args.tasks, args.limit, Path(args.out) if args.out else None, seqlen=args.seqlen,
+    from .eval.run import default_out
+    from .models.checkpoint import resolve_model
+
+    path = resolve_model(args.model, allow_pickle=args.allow_pickle)
+    out = Path(args.out) if args.out else default_out(args.model, path)
+    evaluate_checkpoint(args.model, args.tasks, args.limit, out, seqlen=args.seqlen,
                         max_windows=args.max_windows, batch_size=args.batch_size, task_source=args.task_source,
                         baseline=baseline, label=args.label, allow_pickle=args.allow_pickle,
                         trust_remote_code=args.trust_remote_code)
+    # Printed here, not by evaluate_checkpoint: the driver evaluates in a work folder that is renamed afterwards.
+    print(f"written: {out}/eval.json, {out}/eval.md")
 
 
 def cmd_push(args):
@@ -281,7 +288,7 @@ def build_parser():
     p.add_argument("--max-windows", type=int, default=None, help="only the first N perplexity windows")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("train-default", help="retrain the shipped default model (hours on 2 CPU cores)",
+    p = sub.add_parser("train-default", help="retrain the shipped default model (about 110 minutes on one CPU thread)",
                        description="Arguments after train-default go to the trainer; see "
                                    "`se-compress train-default -- --help`.")
     p.add_argument("train_args", nargs=argparse.REMAINDER)

@@ -1,5 +1,6 @@
 """The streamed writer: a layer-by-layer copy reloads in plain transformers with identical logits."""
 import copy
+import shutil
 
 import pytest
 import torch
@@ -33,6 +34,19 @@ def test_round_trip_keeps_keys_and_logits(model_type, tiny_model, tmp_path):
         a = AutoModelForCausalLM.from_pretrained(src)(x).logits
         b = AutoModelForCausalLM.from_pretrained(out)(x).logits
     assert torch.equal(a, b)
+
+
+def test_studies_of_the_input_model_are_not_copied(tiny_model, tmp_path):
+    """The shipped default model's folder holds its training log and ablation; a compressed copy must not carry them
+    as if they described it. Tokenizer and generation files do travel."""
+    src = tmp_path / "src"
+    shutil.copytree(tiny_model("qwen3_moe"), src)
+    for name in ["ablation.json", "training.json", "se_report.json", "compression_report.json"]:
+        (src / name).write_text("{}")
+    out = copy_streamed(src, tmp_path / "copy")
+    copied = {f.name for f in out.iterdir()}
+    assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= copied
+    assert not copied & {"ablation.json", "training.json", "se_report.json", "compression_report.json"}
 
 
 def test_sharded_input_gives_sharded_output(tiny_model, tmp_path):

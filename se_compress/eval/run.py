@@ -235,7 +235,6 @@ def evaluate_checkpoint(model: str, tasks: list[str] | None = None, limit: int |
     result["finished"] = _now()
     result["seconds"] = round(time.time() - t0, 1)
     write_eval(result, out)
-    say(f"written: {out}/eval.json, {out}/eval.md")
     return result
 
 

@@ -22,7 +22,10 @@ from ..models.checkpoint import Checkpoint
 from ..models.streaming import LAYERS_PREFIX, _expert_templates
 
 COPY_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja", ".py")
-NOT_COPIED = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
+NOT_COPIED = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json",
+              # se_compress's studies of the input model (the shipped default model holds some): wrong for the output
+              "se_report.json", "ablation.json", "stability.json", "training.json", "compare.json",
+              "compression_report.json", "recipe.json", "eval.json"}
 
 
 def check_output_path(src: Path, out: Path, force: bool) -> None:

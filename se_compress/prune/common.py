@@ -9,8 +9,6 @@ from ..errors import SECompressError, read_json_report
 from ..export.writer import CheckpointWriter
 
 REPORT_NAME = "compression_report.json"
-# Studies of the input model that its folder may hold (the shipped default model does): wrong for the output.
-STALE_FILES = ("se_report.json", "se_report.md", "ablation.json", "ablation.md", "stability.json", "stability.md")
 
 
 # ---- the target count ------------------------------------------------------------------------------------------
@@ -134,10 +132,7 @@ def write_edited_checkpoint(sm, ckpt, out, new_config, edit_layer, extra_files: 
             edit_layer(i, layer)
             writer.add_module(f"model.layers.{i}", layer)
             sm.free_layer(i)
-        out = writer.finish(extra_files=extra_files)
-    for stale in STALE_FILES:  # copied with the tokenizer files, but they describe the input's experts
-        (out / stale).unlink(missing_ok=True)
-    return out
+        return writer.finish(extra_files=extra_files)
 
 
 def _is_hub_id(model: str) -> bool:
