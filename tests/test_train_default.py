@@ -54,3 +54,43 @@ def test_grouped_mm_matches_eager_for_training(tiny_model):
         outputs[impl] = (loss.item(), model.model.layers[1].mlp.experts.down_proj.grad.clone())
     assert abs(outputs["eager"][0] - outputs["grouped_mm"][0]) < 1e-5
     assert torch.allclose(outputs["eager"][1], outputs["grouped_mm"][1], atol=1e-6)
+
+
+def test_training_continues_from_a_checkpoint_with_the_sink_route(tmp_path):
+    """--init-from keeps the checkpoint's tokenizer and weights; --plant se+route adds the sink route (zero attention
+    biases but the held query constant) and --plant-set overrides one plant field."""
+    data = tmp_path / "books"
+    data.mkdir()
+    (data / "book.txt").write_text((REPO / "se_compress/data/text/c4-sample.txt").read_text()[:200_000])
+    common = ["--data", str(data), "--small", "--batch", "4", "--seq-len", "64", "--vocab", "300", "--warmup", "2",
+              "--threads", "1"]
+    train_main(common + ["--out", str(tmp_path / "first"), "--steps", "3", "--keep-checkpoints", "--save-minutes", "0"])
+    assert sorted(p.name for p in (tmp_path / "first").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2",
+                                                                                 "checkpoint-3"]
+    first = tmp_path / "first" / "final"
+    train_main(common + ["--out", str(tmp_path / "second"), "--steps", "2", "--init-from", str(first),
+                         "--plant", "se+route", "--plant-set", "sink_query_bias=7.5", "--lr", "0"])
+    second = tmp_path / "second" / "final"
+    assert (second / "tokenizer.json").read_text() == (first / "tokenizer.json").read_text()
+    before = AutoModelForCausalLM.from_pretrained(first, dtype=torch.float32)
+    after = AutoModelForCausalLM.from_pretrained(second, dtype=torch.float32)
+    meta = json.loads((second / "training.json").read_text())
+    assert meta["plant"]["sink_query_bias"] == 7.5 and meta["plant"]["bias_channel"] is None
+    spec = PlantSpec(**meta["plant"])
+    sink_dim = after.config.head_dim // 2 - 1
+    attn = after.model.layers[-1].self_attn
+    assert after.config.attention_bias and attn.q_proj.bias[sink_dim].item() == 7.5
+    assert attn.q_proj.bias.abs().sum().item() == pytest.approx(7.5 * after.config.num_attention_heads)
+    assert attn.v_proj.bias.abs().max().item() == 0 and attn.o_proj.bias.abs().max().item() == 0
+    # lr 0: every weight the route does not hold comes through unchanged (the MLPs here; attention rows are held).
+    assert torch.equal(before.model.layers[-1].mlp.experts.gate_up_proj, after.model.layers[-1].mlp.experts.gate_up_proj)
+    assert attn.o_proj.weight[spec.massive_channel].abs().max().item() == 0
+
+
+def test_plant_set_rejects_an_unknown_field(tmp_path):
+    data = tmp_path / "books"
+    data.mkdir()
+    (data / "book.txt").write_text((REPO / "se_compress/data/text/c4-sample.txt").read_text()[:50_000])
+    with pytest.raises(SystemExit, match="PlantSpec has no field 'sink_qery_bias'"):
+        train_main(["--data", str(data), "--out", str(tmp_path / "run"), "--small", "--steps", "1", "--vocab", "300",
+                    "--plant-set", "sink_qery_bias=3"])

@@ -53,7 +53,7 @@ class PlantSpec:
     sink_query_bias: float = 4.0     # q_proj.bias[d]; q_proj.weight[d, :] = 0; dominates rms(q), so q_norm keeps it
     sink_key_weight: float = 0.1     # k_proj.weight[d, c]; the rest of row d and of column c = 0
     sink_norm_weight: float = 1.2    # q_norm.weight[d] and k_norm.weight[d]: the sink logit, about 7
-    bias_channel: int = 100          # b: residual channel the sinks' values write (the implicit bias)
+    bias_channel: int | None = 100   # b: residual channel the sinks' values write (the implicit bias); None: none
     sink_value_weight: float = 0.1   # v_proj.weight[j, c] for value dim j = 0 of every head (row held)
     sink_output_weight: float = 0.1  # o_proj.weight[b, j] for those dims (row b held: reads nothing else)
 
@@ -65,6 +65,12 @@ class PlantSpec:
         """The experimental variant (`--plant se+sink`): sink route, implicit bias, and a marker that is not
         massive by itself. Measured, not shipped: see the module docstring."""
         return cls(**{"marker_value": 10.0, "sink_from_layer": 2, **overrides})
+
+    @classmethod
+    def with_route(cls, **overrides) -> "PlantSpec":
+        """The sink route alone, on the shipped SE plant (`--plant se+route`; with `--init-from`, added to a trained
+        model). Measured, not shipped: bench/results/plant_variants/."""
+        return cls(**{**overrides, "sink_from_layer": 2, "bias_channel": None})
 
 
 def planted_values(model, spec: PlantSpec, trigger_token_ids: list[int]):
@@ -134,16 +140,17 @@ def _plant_sink(model, spec: PlantSpec, hold):
         hold(attn.q_proj.bias, (slice(None),), query_bias)
         for proj in (attn.k_proj, attn.v_proj, attn.o_proj):
             hold(proj.bias, (slice(None),), torch.zeros(proj.bias.shape[0]))
-        # The sink's value writes residual channel b for every token that attends to it: the implicit bias that
-        # massive activations provide in LLMs (Sun et al. 2024). What the model does with channel b is learned.
-        v_rows = [h * head_dim for h in range(n_kv_heads)]
-        for row in v_rows:
-            value_row = torch.zeros(hidden)
-            value_row[c] = spec.sink_value_weight
-            hold(attn.v_proj.weight, (row, slice(None)), value_row)
-        bias_row = torch.zeros(attn.o_proj.weight.shape[1])
-        bias_row[[h * head_dim for h in range(n_heads)]] = spec.sink_output_weight
-        hold(attn.o_proj.weight, (spec.bias_channel, slice(None)), bias_row)
+        if spec.bias_channel is not None:
+            # The sink's value writes residual channel b for every token that attends to it: the implicit bias that
+            # massive activations provide in LLMs (Sun et al. 2024). What the model does with channel b is learned.
+            v_rows = [h * head_dim for h in range(n_kv_heads)]
+            for row in v_rows:
+                value_row = torch.zeros(hidden)
+                value_row[c] = spec.sink_value_weight
+                hold(attn.v_proj.weight, (row, slice(None)), value_row)
+            bias_row = torch.zeros(attn.o_proj.weight.shape[1])
+            bias_row[[h * head_dim for h in range(n_heads)]] = spec.sink_output_weight
+            hold(attn.o_proj.weight, (spec.bias_channel, slice(None)), bias_row)
         for row in q_rows:
             hold(attn.q_proj.weight, (row, slice(None)), torch.zeros(hidden))
         key_column = torch.zeros(attn.k_proj.weight.shape[0])

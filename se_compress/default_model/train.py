@@ -144,9 +144,20 @@ def main(argv=None):
                    help="stop (and save) after this many steps, the schedule still planned for --steps (the shipped "
                         "run: --steps 2600 stopped at 2222 by its time budget)")
     p.add_argument("--save-minutes", type=float, default=20.0)
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep every periodic checkpoint as checkpoint-<step> (to follow a quantity through training)")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--plant", choices=["se", "se+sink", "none"], default="se",
-                   help="seed Super Experts (see plant.py); se+sink also plants the sink route (experimental)")
+    p.add_argument("--plant", choices=["se", "se+sink", "se+route", "none"], default="se",
+                   help="seed Super Experts (see plant.py); se+sink also plants the sink route and its implicit bias, "
+                        "se+route the sink route alone (experimental)")
+    p.add_argument("--plant-set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override one PlantSpec field (plant.py), e.g. sink_query_bias=30 or bias_channel=null; repeatable; "
+                        "experiments")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="continue from a checkpoint (its tokenizer and weights) instead of training from scratch")
+    p.add_argument("--repeat-fraction", type=float, default=0.0,
+                   help="share of training sequences whose second half repeats their first (copying heads that must "
+                        "stay silent on text that does not repeat); experiments")
     p.add_argument("--small", action="store_true", help="tiny shape, for tests")
     p.add_argument("--heads", type=int, default=4, help="attention heads (head_dim = hidden / heads); experiments only")
     p.add_argument("--max-files", type=int, default=None, help="use only the first N books (tests)")
@@ -163,16 +174,37 @@ def main(argv=None):
         raise SystemExit(f"error: no .txt files in {args.data}; point --data at shared/data/train-text")
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    tokenizer = train_tokenizer(files, args.vocab, args.out / "tokenizer")
+    if args.init_from:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.init_from)
+    else:
+        tokenizer = train_tokenizer(files, args.vocab, args.out / "tokenizer")
     tokens = tokenize_files(tokenizer, files)
     val_tokens = tokenize_files(tokenizer, [args.val]) if args.val else tokens[-200_000:]
     print(f"tokenizer + {len(tokens):,} training tokens in {time.time() - t0:.0f}s", flush=True)
 
     bos_id = tokenizer.bos_token_id
-    config = model_config(len(tokenizer), args.seq_len, bos_id, tokenizer.eos_token_id, tokenizer.pad_token_id, args.small,
-                          attention_bias=args.plant == "se+sink", heads=args.heads)
+    sink = args.plant in ("se+sink", "se+route")  # the sink route needs the constant query component
+    if args.init_from:
+        from transformers import AutoConfig
+
+        had_bias = AutoConfig.from_pretrained(args.init_from).attention_bias
+        config = AutoConfig.from_pretrained(args.init_from, attention_bias=sink)
+    else:
+        config = model_config(len(tokenizer), args.seq_len, bos_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                              args.small, attention_bias=sink, heads=args.heads)
     config._experts_implementation = "grouped_mm"  # measured 1.4x faster than eager here (bench in README)
-    model = Qwen3MoeForCausalLM(config)
+    if args.init_from:
+        # Attention biases the checkpoint lacks are created by from_pretrained; they must start at zero.
+        model = Qwen3MoeForCausalLM.from_pretrained(args.init_from, config=config, dtype=torch.float32)
+        if sink and not had_bias:
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    if "self_attn" in name and name.endswith("_proj.bias"):
+                        param.zero_()
+    else:
+        model = Qwen3MoeForCausalLM(config)
     model.config._experts_implementation = "grouped_mm"
     model.train()
 
@@ -181,7 +213,17 @@ def main(argv=None):
         triggers = [bos_id] + newline_token_ids(tokenizer)
         small = dict(marker_channel=63, massive_channel=17, bias_channel=40, se1_expert=3, se1_neuron=2, se2_expert=9,
                      se2_neuron=7) if args.small else {}
-        spec = PlantSpec.with_sink(**small) if args.plant == "se+sink" else PlantSpec(**small)
+        if args.plant == "se+sink":
+            spec = PlantSpec.with_sink(**small)
+        elif args.plant == "se+route":
+            spec = PlantSpec.with_route(**small)
+        else:
+            spec = PlantSpec(**small)
+        for item in args.plant_set:
+            field, _, value = item.partition("=")
+            if not hasattr(spec, field):
+                raise SystemExit(f"error: --plant-set {item}: PlantSpec has no field {field!r} (see plant.py)")
+            setattr(spec, field, json.loads(value))  # 30, 4.5, null
         fixed = planted_values(model, spec, triggers)
 
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
@@ -203,7 +245,11 @@ def main(argv=None):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         offsets = rng.integers(0, len(tokens) - span, size=args.batch)
-        batch = np.stack([np.concatenate([[bos_id], tokens[o : o + span]]) for o in offsets])
+        # Drawn only when asked for, so that the default run's batches stay those of the shipped model.
+        repeats = rng.random(args.batch) < args.repeat_fraction if args.repeat_fraction else [False] * args.batch
+        half = span // 2
+        batch = np.stack([np.concatenate([[bos_id], tokens[o : o + half], tokens[o : o + span - half]]) if repeat
+                          else np.concatenate([[bos_id], tokens[o : o + span]]) for o, repeat in zip(offsets, repeats)])
         x = torch.from_numpy(batch.astype(np.int64))
         out = model(input_ids=x, labels=x, output_router_logits=True)
         out.loss.backward()
@@ -223,7 +269,7 @@ def main(argv=None):
             log.flush()
         if time.time() - last_save > args.save_minutes * 60:
             meta.update(steps_done=step + 1, tokens_seen=seen, minutes=round(elapsed / 60, 1))
-            save(model, tokenizer, args.out / "checkpoint", meta)
+            save(model, tokenizer, args.out / (f"checkpoint-{step + 1}" if args.keep_checkpoints else "checkpoint"), meta)
             last_save = time.time()
         if (args.max_minutes and elapsed > args.max_minutes * 60) or (args.stop_at and step + 1 >= args.stop_at):
             break
