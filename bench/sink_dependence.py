@@ -1,7 +1,7 @@
 """How much does a model's perplexity rest on its attention, and on its Super Experts' sinks?
 
 On one model, over the same WikiText-2 test windows: perplexity of the base; with every attention output of the
-layers after the first SE layer removed (o_proj zeroed) and doubled; with the SEs' down_proj zeroed; and the
+layers after the first SE layer removed (o_proj zeroed) and scaled x2, x3, x5; with the SEs' down_proj zeroed; and the
 next-token loss at the trigger positions (tokens the SEs fire on) apart from all others. It explains an
 ablation result: if the sinks hold little attention and attention output scale barely matters, zeroing the SEs
 cannot hurt much, whatever the detector finds.
@@ -49,8 +49,12 @@ def main(argv=None):
     rows = {}
     base = losses()
     rows["base"] = base
+    # Zeroing the SEs removes the sinks; a query that gave share p of its attention to a sink then gives the rest
+    # 1/(1-p) times more. Scaling every attention output says what sink share would make that removal costly.
     for name, scale in ((f"attention of layers {first}-{later[-1]} removed", 0.0),
-                        (f"attention of layers {first}-{later[-1]} doubled", 2.0)):
+                        (f"attention of layers {first}-{later[-1]} doubled", 2.0),
+                        (f"attention of layers {first}-{later[-1]} x3 (what removing sinks holding 2/3 would do)", 3.0),
+                        (f"attention of layers {first}-{later[-1]} x5 (sinks holding 4/5)", 5.0)):
         for i in later:
             model.model.layers[i].self_attn.o_proj.weight.data.copy_(o_proj[i] * scale)
         rows[name] = losses()
