@@ -87,10 +87,14 @@ def test_training_continues_from_a_checkpoint_with_the_sink_route(tmp_path):
     assert attn.o_proj.weight[spec.massive_channel].abs().max().item() == 0
 
 
-def test_plant_set_rejects_an_unknown_field(tmp_path):
+def test_bad_experiment_options_are_one_line_errors(tmp_path):
     data = tmp_path / "books"
     data.mkdir()
     (data / "book.txt").write_text((REPO / "se_compress/data/text/c4-sample.txt").read_text()[:50_000])
+    run = ["--data", str(data), "--out", str(tmp_path / "run"), "--small", "--steps", "1", "--vocab", "300"]
     with pytest.raises(SystemExit, match="PlantSpec has no field 'sink_qery_bias'"):
-        train_main(["--data", str(data), "--out", str(tmp_path / "run"), "--small", "--steps", "1", "--vocab", "300",
-                    "--plant-set", "sink_qery_bias=3"])
+        train_main(run + ["--plant-set", "sink_qery_bias=3"])
+    with pytest.raises(SystemExit, match="must be a number or null"):
+        train_main(run + ["--plant-set", "sink_query_bias=three"])
+    with pytest.raises(SystemExit, match="no config.json there"):
+        train_main(run + ["--init-from", str(tmp_path / "nothing")])

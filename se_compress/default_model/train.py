@@ -172,6 +172,9 @@ def main(argv=None):
     files = sorted(args.data.glob("*.txt"))[: args.max_files]
     if not files:
         raise SystemExit(f"error: no .txt files in {args.data}; point --data at shared/data/train-text")
+    if args.init_from and not (args.init_from / "config.json").exists():
+        raise SystemExit(f"error: --init-from {args.init_from}: no config.json there; pass a checkpoint folder this "
+                         "command wrote (OUT/final or OUT/checkpoint)")
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     if args.init_from:
@@ -223,7 +226,10 @@ def main(argv=None):
             field, _, value = item.partition("=")
             if not hasattr(spec, field):
                 raise SystemExit(f"error: --plant-set {item}: PlantSpec has no field {field!r} (see plant.py)")
-            setattr(spec, field, json.loads(value))  # 30, 4.5, null
+            try:
+                setattr(spec, field, json.loads(value))  # 30, 4.5, null
+            except json.JSONDecodeError:
+                raise SystemExit(f"error: --plant-set {item}: the value must be a number or null") from None
         fixed = planted_values(model, spec, triggers)
 
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
