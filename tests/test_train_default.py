@@ -82,6 +82,10 @@ def test_training_continues_from_a_checkpoint_with_the_sink_route(tmp_path):
     assert after.config.attention_bias and attn.q_proj.bias[sink_dim].item() == 7.5
     assert attn.q_proj.bias.abs().sum().item() == pytest.approx(7.5 * after.config.num_attention_heads)
     assert attn.v_proj.bias.abs().max().item() == 0 and attn.o_proj.bias.abs().max().item() == 0
+    # layers before the route get the new biases too, at zero: the continued model computes what the checkpoint did
+    first_attn = after.model.layers[0].self_attn
+    assert all(proj.bias.abs().max().item() == 0 for proj in
+               (first_attn.q_proj, first_attn.k_proj, first_attn.v_proj, first_attn.o_proj))
     # lr 0: every weight the route does not hold comes through unchanged (the MLPs here; attention rows are held).
     assert torch.equal(before.model.layers[-1].mlp.experts.gate_up_proj, after.model.layers[-1].mlp.experts.gate_up_proj)
     assert attn.o_proj.weight[spec.massive_channel].abs().max().item() == 0
@@ -94,6 +98,8 @@ def test_bad_experiment_options_are_one_line_errors(tmp_path):
     run = ["--data", str(data), "--out", str(tmp_path / "run"), "--small", "--steps", "1", "--vocab", "300"]
     with pytest.raises(SystemExit, match="PlantSpec has no field 'sink_qery_bias'"):
         train_main(run + ["--plant-set", "sink_qery_bias=3"])
+    with pytest.raises(SystemExit, match="PlantSpec has no field 'to_dict'"):  # a method is not a field
+        train_main(run + ["--plant-set", "to_dict=3"])
     with pytest.raises(SystemExit, match="must be a number or null"):
         train_main(run + ["--plant-set", "sink_query_bias=three"])
     with pytest.raises(SystemExit, match="no config.json there"):
