@@ -13,7 +13,7 @@ from ..errors import SECompressError
 from ..models.adapters import adapter_for
 from ..models.checkpoint import Checkpoint, resolve_model
 from ..models.edit import zero_experts
-from .perplexity import default_seqlen, eval_windows, perplexity_streamed, wikitext2_test_text
+from .perplexity import default_seqlen, eval_text, perplexity_streamed, text_windows
 from .sink import d_sink, first_token_attention
 
 
@@ -37,7 +37,10 @@ def draw_layer_matched(ses, candidates, rng):
 
 
 def ablate(model: str, se_report: dict | None = None, draws: int = 5, seed: int = 0, seqlen: int | None = None,
-           max_windows: int | None = None, sink_windows: int = 16, progress: bool = True, **detect_kwargs) -> dict:
+           max_windows: int | None = None, sink_windows: int = 16, progress: bool = True, text: str = "wikitext2",
+           **detect_kwargs) -> dict:
+    """`text`: what perplexity is measured on (wikitext2, books or a text file; see eval/perplexity.py)."""
+    eval_on = eval_text(text)  # a bad --text fails before the detection pass
     path = resolve_model(model)
     ckpt = Checkpoint(path)
     adapter = adapter_for(ckpt.config)
@@ -53,7 +56,7 @@ def ablate(model: str, se_report: dict | None = None, draws: int = 5, seed: int 
 
     tokenizer = load_tokenizer(path)
     seqlen = seqlen or default_seqlen(ckpt.config)
-    windows = eval_windows(tokenizer, wikitext2_test_text(), seqlen, max_windows)
+    windows = text_windows(tokenizer, eval_on, seqlen, max_windows)
 
     def ppl(experts):
         hook = _hook(adapter, experts) if experts else None
@@ -92,7 +95,7 @@ def ablate(model: str, se_report: dict | None = None, draws: int = 5, seed: int 
             "d_sink_random": d_sink(attention["base"], attention["random_zeroed"]),
             "windows": int(sink_in.shape[0]),
         },
-        "eval": {"text": "WikiText-2 raw test", "windows": int(windows.shape[0]), "seqlen": seqlen,
+        "eval": {"text": eval_on.key, "text_label": eval_on.label, "windows": int(windows.shape[0]), "seqlen": seqlen,
                  "bos_per_window": bool(windows[0, 0] == tokenizer.bos_token_id and tokenizer.bos_token_id is not None)},
         "draws": draws,
         "seed": seed,
@@ -106,7 +109,7 @@ def ablation_markdown(result: dict) -> str:
     lines = [
         f"# SE ablation: {result['model']}",
         "",
-        f"WikiText-2 raw test, {ev['windows']} windows of {ev['seqlen']} tokens"
+        f"{ev.get('text_label', 'WikiText-2 raw test')}, {ev['windows']} windows of {ev['seqlen']} tokens"
         f"{' (BOS + text)' if ev['bos_per_window'] else ''}; experts zeroed = their down_proj set to 0.",
         "",
         "| condition | experts zeroed | perplexity | x base |",
@@ -147,7 +150,7 @@ def write_ablation(result: dict, out: Path) -> Path:
         values = [result["base_ppl"], result["se_ppl"]] + result["random_ppl"] + result["layer_matched_ppl"]
         colors = ["gray", "tab:red"] + ["tab:blue"] * len(result["random_ppl"]) + ["tab:cyan"] * len(result["layer_matched_ppl"])
         ax1.bar(names, values, color=colors)
-        ax1.set_ylabel("WikiText-2 perplexity")
+        ax1.set_ylabel(f"perplexity ({result['eval'].get('text', 'wikitext2')})")
         ax1.set_title("Zeroing Super Experts vs as many random experts")
         ax1.tick_params(axis="x", rotation=60)
         sink = result["sink_attention"]
