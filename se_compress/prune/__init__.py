@@ -15,9 +15,11 @@ from ..errors import SECompressError
 from ..export.writer import check_output_path
 from ..models.adapters import adapter_for
 from ..models.checkpoint import Checkpoint, resolve_model
+from ..models.formats import drop_mtp
 from ..models.streaming import StreamedModel
 from .common import (REPORT_NAME, check_se_report, dump_report, expert_groups, expert_statistics, model_card,
                      super_experts_by_layer, target_count, write_edited_checkpoint)
+from .stored import write_pruned_stored
 from .select import CRITERIA, SE_POLICIES, choose_kept, saliency
 from .surgery import keep_experts
 
@@ -93,6 +95,8 @@ def prune_model(model: str, out, *, fraction: float | None = None, keep: int | N
 
     new_config = copy.deepcopy(config)
     adapter.set_num_experts(new_config, keep)
+    stored = ckpt.format is not None  # FP8-block / MXFP4: written in the stored format (prune/stored.py)
+    mtp = drop_mtp(new_config, ckpt.stored_map) if stored else None
     ses_list = [(s["layer"], s["expert"]) for s in report["super_experts"]]
     compression = {
         "method": "prune", "model": model, "architecture": config.model_type, "criterion": criterion,
@@ -103,6 +107,11 @@ def prune_model(model: str, out, *, fraction: float | None = None, keep: int | N
         "super_experts": [{"layer": l, "expert": e} for l, e in ses_list],
         "super_experts_removed": removed_ses, "layers": layers, "se_report": report,
     }
+    if stored:
+        compression["stored_format"] = (f"{ckpt.format.describe()} (quant_method {ckpt.format.quant_method}), kept: "
+                                         f"every retained tensor copied as stored, quantization_config unchanged")
+    if mtp:
+        compression["multi_token_prediction"] = mtp
     command = (f"se-compress prune {model} --out {out} --keep {keep} --criterion {criterion} --se-policy {se_policy}"
                + _calib_flags(se_source, calib, samples, seqlen, seed))
     summary = [
@@ -112,13 +121,16 @@ def prune_model(model: str, out, *, fraction: float | None = None, keep: int | N
         f"Super Experts: {', '.join(f'({l},{e})' for l, e in ses_list) or 'none found'}; removed: "
         f"{', '.join('({layer},{expert})'.format(**r) for r in removed_ses) or 'none'}.",
         f"Experts are renumbered 0..{keep - 1} in each layer; `{REPORT_NAME}` maps them to the original ones.",
-    ]
+    ] + ([f"Stored format kept: {ckpt.format.describe()}; retained tensors are the input's bytes."] if stored else []) \
+      + ([mtp[0].upper() + mtp[1:] + "."] if mtp else [])
     card = model_card(model, f"{Path(out).name}: {model} with {keep} of {num_experts} experts", summary, command,
                       ["expert-pruning"])
+    files = {REPORT_NAME: dump_report(compression), "README.md": card}
+    if stored:
+        return write_pruned_stored(ckpt, out, new_config, kept_by_layer, num_experts, files, force, progress)
     sm = StreamedModel(ckpt)
     edit = lambda i, layer: keep_experts(adapter, layer, kept_by_layer[i]) if i in kept_by_layer else None  # noqa: E731
-    return write_edited_checkpoint(sm, ckpt, out, new_config, edit, {REPORT_NAME: dump_report(compression),
-                                                                     "README.md": card}, force, progress)
+    return write_edited_checkpoint(sm, ckpt, out, new_config, edit, files, force, progress)
 
 
 def parse_zero_spec(spec: str, config, adapter) -> tuple[str, object]:
