@@ -43,6 +43,18 @@ def published(tmp_path_factory, tokenizer):
     return make
 
 
+@pytest.fixture(scope="module")
+def se_report(published):
+    cache = {}
+
+    def run(family, fmt="published"):
+        if (family, fmt) not in cache:
+            cache[family, fmt] = detect(str(published(family, fmt)), criterion=CRITERION, progress=False, **CALIB)
+        return cache[family, fmt]
+
+    return run
+
+
 def ids(tokenizer, n=2, length=12):
     x = torch.randint(3, len(tokenizer), (n, length), generator=torch.Generator().manual_seed(0))
     x[:, 0] = tokenizer.bos_token_id
@@ -124,9 +136,8 @@ def test_fixture_has_the_published_config_and_layout_and_reads_like_transformers
 
 @pytest.mark.parametrize("family", QUANTIZED)
 def test_detect_on_quantized_checkpoint_finds_the_planted_ses_with_the_statistics_of_the_dequantized_model(
-        family, published):
-    quantized = detect(str(published(family)), criterion=CRITERION, progress=False, **CALIB)
-    reference = detect(str(published(family, "bf16")), criterion=CRITERION, progress=False, **CALIB)
+        family, se_report):
+    quantized, reference = se_report(family), se_report(family, "bf16")
     found = {(s["layer"], s["expert"], s["channel"]) for s in quantized["super_experts"]}
     assert found == set(planted(model_type(family)))
     assert quantized["experts"] == reference["experts"]  # every per-expert statistic, exactly
@@ -139,11 +150,11 @@ def _bytes(t):
 
 
 @pytest.mark.parametrize("family,keep", [("deepseek_v3", 12), ("gpt_oss", 12), ("qwen3_moe_fp8", 10)])
-def test_prune_keeps_the_stored_format_byte_for_byte(family, keep, published, tmp_path):
+def test_prune_keeps_the_stored_format_byte_for_byte(family, keep, published, se_report, tmp_path):
     from se_compress.prune import prune_model
 
     src = published(family)
-    report = detect(str(src), criterion=CRITERION, progress=False, **CALIB)
+    report = se_report(family)
     out = prune_model(str(src), tmp_path / "pruned", keep=keep, se_report=report, progress=False)
     twin = prune_model(str(published(family, "bf16")), tmp_path / "twin", keep=keep, se_report=report, progress=False)
     cin, cout = Checkpoint(src), Checkpoint(out)
@@ -216,7 +227,7 @@ def test_quantize_from_fp8_writes_compressed_tensors_that_transformers_loads_wit
     assert torch.equal(a, b)
 
 
-def test_zero_and_merge_from_fp8_with_mtp_write_bf16_and_say_so(published, tokenizer, tmp_path):
+def test_zero_and_merge_from_fp8_with_mtp_write_bf16_and_say_so(published, se_report, tokenizer, tmp_path):
     from se_compress.merge import merge_model
     from se_compress.prune import zero_experts_model
 
@@ -232,8 +243,8 @@ def test_zero_and_merge_from_fp8_with_mtp_write_bf16_and_say_so(published, token
     assert ckpt.get("model.layers.2.mlp.experts.5.down_proj.weight").abs().max() == 0
     assert torch.equal(ckpt.get("model.layers.2.mlp.experts.4.down_proj.weight"),
                        Checkpoint(src).get("model.layers.2.mlp.experts.4.down_proj.weight"))
-    report = detect(str(src), criterion=CRITERION, progress=False, **CALIB)
-    merged = merge_model(str(src), tmp_path / "merged", keep=12, se_report=report, progress=False)
+    merged = merge_model(str(src), tmp_path / "merged", keep=12, se_report=se_report("deepseek_v3"), progress=False,
+                         similarity_tokens=64, **CALIB)
     config = json.loads((merged / "config.json").read_text())
     assert "quantization_config" not in config and config["n_routed_experts"] == 12
     x = ids(tokenizer)
