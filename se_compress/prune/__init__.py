@@ -19,8 +19,8 @@ from ..models.formats import drop_mtp
 from ..models.streaming import StreamedModel
 from .common import (REPORT_NAME, check_se_report, dump_report, expert_groups, expert_statistics, model_card,
                      super_experts_by_layer, target_count, write_edited_checkpoint)
-from .stored import write_pruned_stored
 from .select import CRITERIA, SE_POLICIES, choose_kept, saliency
+from .stored import write_pruned_stored
 from .surgery import keep_experts
 
 __all__ = ["prune_model", "zero_experts_model", "CRITERIA", "SE_POLICIES"]
@@ -121,16 +121,21 @@ def prune_model(model: str, out, *, fraction: float | None = None, keep: int | N
         f"Super Experts: {', '.join(f'({l},{e})' for l, e in ses_list) or 'none found'}; removed: "
         f"{', '.join('({layer},{expert})'.format(**r) for r in removed_ses) or 'none'}.",
         f"Experts are renumbered 0..{keep - 1} in each layer; `{REPORT_NAME}` maps them to the original ones.",
-    ] + ([f"Stored format kept: {ckpt.format.describe()}; retained tensors are the input's bytes."] if stored else []) \
-      + ([mtp[0].upper() + mtp[1:] + "."] if mtp else [])
+    ]
+    if stored:  # FP8 / MXFP4: copied as stored, never through the dequantized model
+        summary += [f"Stored format kept: {ckpt.format.describe()}; retained tensors are the input's bytes."] + (
+            [mtp[0].upper() + mtp[1:] + "."] if mtp else [])
+        card = model_card(model, f"{Path(out).name}: {model} with {keep} of {num_experts} experts", summary, command,
+                          ["expert-pruning"])
+        return write_pruned_stored(ckpt, out, new_config, kept_by_layer, num_experts,
+                                   {REPORT_NAME: dump_report(compression), "README.md": card}, force, progress)
+
     card = model_card(model, f"{Path(out).name}: {model} with {keep} of {num_experts} experts", summary, command,
                       ["expert-pruning"])
-    files = {REPORT_NAME: dump_report(compression), "README.md": card}
-    if stored:
-        return write_pruned_stored(ckpt, out, new_config, kept_by_layer, num_experts, files, force, progress)
     sm = StreamedModel(ckpt)
     edit = lambda i, layer: keep_experts(adapter, layer, kept_by_layer[i]) if i in kept_by_layer else None  # noqa: E731
-    return write_edited_checkpoint(sm, ckpt, out, new_config, edit, files, force, progress)
+    return write_edited_checkpoint(sm, ckpt, out, new_config, edit, {REPORT_NAME: dump_report(compression),
+                                                                     "README.md": card}, force, progress)
 
 
 def parse_zero_spec(spec: str, config, adapter) -> tuple[str, object]:

@@ -21,7 +21,6 @@ from tqdm.auto import tqdm
 from ..errors import SECompressError
 from ..models.adapters import adapter_for
 from ..models.checkpoint import Checkpoint, resolve_model
-from ..models.formats import rewritten_config
 from ..models.streaming import LAYERS_PREFIX, StreamedModel
 from . import compressed_tensors as ct
 from .gptq import CholeskyFailed, gptq_quantize, prepare_hessian
@@ -459,6 +458,8 @@ def quantize_model(model: str, out, *, method: str = "gptq", bits: int = 4, grou
     adapter = adapter_for(config)
     # FP8-block / MXFP4 inputs are read dequantized (models/formats.py); other quantized inputs were refused by
     # Checkpoint. The output has its own format: the input's quantization_config and MTP layer are not carried over.
+    from ..models.formats import rewritten_config
+
     new_config, notes = rewritten_config(config, ckpt)
     requested_format = output_format
     if output_format == "pack-quantized" and "keep" in policy:
