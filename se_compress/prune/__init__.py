@@ -15,7 +15,6 @@ from ..errors import SECompressError
 from ..export.writer import check_output_path
 from ..models.adapters import adapter_for
 from ..models.checkpoint import Checkpoint, resolve_model
-from ..models.formats import drop_mtp
 from ..models.streaming import StreamedModel
 from .common import (REPORT_NAME, check_se_report, dump_report, expert_groups, expert_statistics, model_card,
                      super_experts_by_layer, target_count, write_edited_checkpoint)
@@ -95,6 +94,8 @@ def prune_model(model: str, out, *, fraction: float | None = None, keep: int | N
 
     new_config = copy.deepcopy(config)
     adapter.set_num_experts(new_config, keep)
+    from ..models.formats import drop_mtp
+
     stored = ckpt.format is not None  # FP8-block / MXFP4: written in the stored format (prune/stored.py)
     mtp = drop_mtp(new_config, ckpt.stored_map) if stored else None
     ses_list = [(s["layer"], s["expert"]) for s in report["super_experts"]]
