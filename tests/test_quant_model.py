@@ -51,7 +51,7 @@ def test_pack_quantized_reloads_in_transformers_with_fake_quant_logits(model_typ
     report = json.loads((packed / "compression_report.json").read_text())
     assert report["loading"]["transformers"] is True and report["size_bytes"] < report["source_size_bytes"]
     # what is never quantized comes out bit for bit; every quantized Linear/expert is packed
-    src_ckpt, out_ckpt = Checkpoint(src), Checkpoint(packed)
+    src_ckpt, out_ckpt = Checkpoint(src), Checkpoint(packed, raw=True)
     for key in src_ckpt.weight_map:
         if NEVER_QUANTIZED.search(key):
             assert key in out_ckpt and torch.equal(out_ckpt.get(key), src_ckpt.get(key)), key
@@ -126,7 +126,7 @@ def test_expert_with_no_token_falls_back_to_rtn_with_finite_scales(tiny_model, t
     fallbacks = [m for m in report["modules"] if m.get("fallback")]
     assert fallbacks and report["warnings"] and report["expert_calibration"]["experts_with_no_routed_token"] > 0
     starved = next(m for m in fallbacks if m.get("tokens") == 0)
-    ckpt = Checkpoint(out)
+    ckpt = Checkpoint(out, raw=True)
     layer, expert = starved["layer"], starved["expert"]
     for proj in ("gate_proj", "up_proj", "down_proj"):
         scale = ckpt.get(f"model.layers.{layer}.mlp.experts.{expert}.{proj}.weight_scale").float()
@@ -151,7 +151,7 @@ def test_layer_policy_writes_one_scheme_per_moe_layer(tiny_model, tokenizer, tmp
     bits_of = {name: g["weights"]["num_bits"] for name, g in qc["config_groups"].items()}
     assert bits_of["experts_w4"] == 4 and bits_of["experts_w8"] == 8
     # compressed-tensors' own matching and decompression, module by module, give our fake-quant weights
-    ckpt, fake_ckpt = Checkpoint(packed), Checkpoint(fake)
+    ckpt, fake_ckpt = Checkpoint(packed, raw=True), Checkpoint(fake)
     for key in [k for k in ckpt.weight_map if k.endswith("weight_packed")]:
         module = key[: -len(".weight_packed")]
         matches = [n for n, g in qc["config_groups"].items() if any(match_name(module, t) for t in g["targets"])]

@@ -60,16 +60,24 @@ def load_full_model(ckpt: Checkpoint, dtype: torch.dtype, device: str) -> tuple[
     # The routed-experts target regex names per-expert modules (vLLM's layout); transformers 5 has fused experts
     # and applies the scheme through the "experts" substring, so compressed-tensors' "Could not match" is expected.
     logging.getLogger("compressed_tensors.utils.match").setLevel(logging.ERROR)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=dtype, trust_remote_code=ckpt.trust_remote_code)
-        loader = "transformers AutoModelForCausalLM.from_pretrained"
-    except Exception as exc:  # noqa: BLE001: any failure here has the same fallback, and it is recorded
+    def own_reader():
         from ..models.streaming import StreamedModel
 
         sm = StreamedModel(ckpt, dtype=dtype)
         for i in range(len(sm.layers)):
             sm.load_layer(i)
-        model = sm.model
+        return sm.model
+
+    if getattr(ckpt, "format", None) is not None:
+        # FP8-block / MXFP4: transformers dequantizes these on CPU only where the block divides every weight (it
+        # derives the block from the scale grid); our reader does every shape, with the same arithmetic.
+        return own_reader().to(device).eval(), (f"se_compress reader: stored as {ckpt.format.describe()}, "
+                                                f"dequantized in memory (models/formats.py)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=dtype, trust_remote_code=ckpt.trust_remote_code)
+        loader = "transformers AutoModelForCausalLM.from_pretrained"
+    except Exception as exc:  # noqa: BLE001: any failure here has the same fallback, and it is recorded
+        model = own_reader()
         loader = (f"se_compress reader (weights dequantized in memory): transformers could not load it "
                   f"({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})")
     return model.to(device).eval(), loader

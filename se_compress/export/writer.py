@@ -92,10 +92,18 @@ class CheckpointWriter:
             value = value.detach().to("cpu")
             if value.is_floating_point() and name.split(".")[-1] != "e_score_correction_bias":
                 value = value.to(self.dtype)
-            self.pending[key] = value.contiguous().clone()
-            self.pending_bytes += value.numel() * value.element_size()
-            if self.max_shard and self.pending_bytes >= self.max_shard:
-                self._flush()
+            self._put(key, value)
+
+    def add_stored(self, key: str, tensor: torch.Tensor) -> None:
+        """An on-disk tensor written exactly as given (FP8 weights and block scales, MXFP4 blocks): no renaming,
+        no dtype change."""
+        self._put(key, tensor.detach().to("cpu"))
+
+    def _put(self, key: str, value: torch.Tensor) -> None:
+        self.pending[key] = value.contiguous().clone()
+        self.pending_bytes += value.numel() * value.element_size()
+        if self.max_shard and self.pending_bytes >= self.max_shard:
+            self._flush()
 
     def add_module(self, prefix: str, module: torch.nn.Module) -> None:
         """All parameters and persistent buffers of `module`, named under `prefix`."""

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from ..errors import SECompressError
+from .formats import stored_format
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "default_model" / "weights"
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
@@ -63,9 +64,13 @@ def check_safetensors_file(path: Path) -> None:
 
 
 class Checkpoint:
-    """A local checkpoint folder: its config and a name -> tensor reader over its weight files."""
+    """A local checkpoint folder: its config and a name -> tensor reader over its weight files.
 
-    def __init__(self, path: Path, allow_pickle: bool = False, trust_remote_code: bool = False):
+    FP8-block and MXFP4 checkpoints are shown dequantized under the in-memory names (see formats.py); `stored_map` and
+    `get_stored` give the tensors as they are on disk. Any other quantized checkpoint is refused here, unless `raw`
+    (read the stored tensors as they are, whatever they hold: for tests and inspection)."""
+
+    def __init__(self, path: Path, allow_pickle: bool = False, trust_remote_code: bool = False, raw: bool = False):
         self.path = Path(path)
         self.trust_remote_code = trust_remote_code
         safetensors = sorted(self.path.glob("*.safetensors"))
@@ -95,6 +100,17 @@ class Checkpoint:
                 self._pickled.update(state)
                 self.weight_map.update({k: f for k in state})
         self._handles = {}
+        self.stored_map = dict(self.weight_map)
+        self.format = None if raw else stored_format(self.path)
+        self._derived = {}
+        if self.format is not None:
+            self._derived = self.format.derived(self.stored_map)
+            for name, sources in self._derived.items():
+                for key in sources:
+                    self.weight_map.pop(key, None)
+                self.weight_map[name] = self.stored_map[sources[0]]
+            for key in self.format.hidden(self.stored_map):
+                self.weight_map.pop(key, None)
 
     @cached_property
     def config(self):
@@ -113,11 +129,18 @@ class Checkpoint:
         return name in self.weight_map
 
     def get(self, name: str) -> torch.Tensor:
+        """The tensor `name` as the model computes with it (dequantized where the checkpoint stores it quantized)."""
+        if name in self._derived:
+            return self.format.dequantize(*(self.get_stored(k) for k in self._derived[name]), name=name)
+        return self.get_stored(name)
+
+    def get_stored(self, name: str) -> torch.Tensor:
+        """The tensor `name` exactly as stored on disk."""
         if not self.is_safetensors:
             return self._pickled[name]
         from safetensors import safe_open
 
-        f = self.weight_map[name]
+        f = self.stored_map[name]
         if f not in self._handles:
             self._handles[f] = safe_open(f, "pt")
         return self._handles[f].get_tensor(name)

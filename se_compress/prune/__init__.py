@@ -19,6 +19,7 @@ from ..models.streaming import StreamedModel
 from .common import (REPORT_NAME, check_se_report, dump_report, expert_groups, expert_statistics, model_card,
                      super_experts_by_layer, target_count, write_edited_checkpoint)
 from .select import CRITERIA, SE_POLICIES, choose_kept, saliency
+from .stored import write_pruned_stored
 from .surgery import keep_experts
 
 __all__ = ["prune_model", "zero_experts_model", "CRITERIA", "SE_POLICIES"]
@@ -93,6 +94,10 @@ def prune_model(model: str, out, *, fraction: float | None = None, keep: int | N
 
     new_config = copy.deepcopy(config)
     adapter.set_num_experts(new_config, keep)
+    from ..models.formats import drop_mtp
+
+    stored = ckpt.format is not None  # FP8-block / MXFP4: written in the stored format (prune/stored.py)
+    mtp = drop_mtp(new_config, ckpt.stored_map) if stored else None
     ses_list = [(s["layer"], s["expert"]) for s in report["super_experts"]]
     compression = {
         "method": "prune", "model": model, "architecture": config.model_type, "criterion": criterion,
@@ -103,6 +108,11 @@ def prune_model(model: str, out, *, fraction: float | None = None, keep: int | N
         "super_experts": [{"layer": l, "expert": e} for l, e in ses_list],
         "super_experts_removed": removed_ses, "layers": layers, "se_report": report,
     }
+    if stored:
+        compression["stored_format"] = (f"{ckpt.format.describe()} (quant_method {ckpt.format.quant_method}), kept: "
+                                         f"every retained tensor copied as stored, quantization_config unchanged")
+    if mtp:
+        compression["multi_token_prediction"] = mtp
     command = (f"se-compress prune {model} --out {out} --keep {keep} --criterion {criterion} --se-policy {se_policy}"
                + _calib_flags(se_source, calib, samples, seqlen, seed))
     summary = [
@@ -113,6 +123,14 @@ def prune_model(model: str, out, *, fraction: float | None = None, keep: int | N
         f"{', '.join('({layer},{expert})'.format(**r) for r in removed_ses) or 'none'}.",
         f"Experts are renumbered 0..{keep - 1} in each layer; `{REPORT_NAME}` maps them to the original ones.",
     ]
+    if stored:  # FP8 / MXFP4: copied as stored, never through the dequantized model
+        summary += [f"Stored format kept: {ckpt.format.describe()}; retained tensors are the input's bytes."] + (
+            [mtp[0].upper() + mtp[1:] + "."] if mtp else [])
+        card = model_card(model, f"{Path(out).name}: {model} with {keep} of {num_experts} experts", summary, command,
+                          ["expert-pruning"])
+        return write_pruned_stored(ckpt, out, new_config, kept_by_layer, num_experts,
+                                   {REPORT_NAME: dump_report(compression), "README.md": card}, force, progress)
+
     card = model_card(model, f"{Path(out).name}: {model} with {keep} of {num_experts} experts", summary, command,
                       ["expert-pruning"])
     sm = StreamedModel(ckpt)

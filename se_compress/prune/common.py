@@ -7,6 +7,7 @@ import numpy as np
 
 from ..errors import SECompressError, read_json_report
 from ..export.writer import CheckpointWriter
+from ..models.formats import rewritten_config
 
 REPORT_NAME = "compression_report.json"
 
@@ -125,6 +126,17 @@ def write_edited_checkpoint(sm, ckpt, out, new_config, edit_layer, extra_files: 
     """Stream the model layer by layer: load, `edit_layer(i, layer)` in memory, write, free. One layer in memory."""
     from tqdm.auto import tqdm
 
+    # Written from the in-memory (dequantized) model: not in an FP8/MXFP4 input's stored format, and without its MTP
+    # layer; the config, report and card say so.
+    new_config, notes = rewritten_config(new_config, ckpt)
+    if notes:
+        extra_files = dict(extra_files)
+        if REPORT_NAME in extra_files:
+            report = json.loads(extra_files[REPORT_NAME])
+            report["format_notes"] = notes
+            extra_files[REPORT_NAME] = dump_report(report)
+        if "README.md" in extra_files:
+            extra_files["README.md"] += "\n## Stored format\n\n" + "".join(f"- {n}.\n" for n in notes)
     with CheckpointWriter(ckpt, out, new_config, force=force) as writer:
         writer.add_outside_layers(sm.model)
         for i in tqdm(range(len(sm.layers)), desc="write layers", disable=not progress):

@@ -96,7 +96,7 @@ class PackedCheckpoint(Checkpoint):
     including the layer-wise mixed schemes that transformers 5.23 cannot load."""
 
     def __init__(self, path, **kwargs):
-        super().__init__(path, **kwargs)
+        super().__init__(path, raw=True, **kwargs)  # its own reading of the packed tensors below
         import json
 
         qc = json.loads((self.path / "config.json").read_text()).get("quantization_config") or {}

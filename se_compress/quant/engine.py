@@ -9,7 +9,6 @@ Per decoder layer (GPTQ):
 RTN needs no calibration data and skips all three passes. Routers, shared-expert gates, norms, embeddings and
 lm_head are never quantized.
 """
-import copy
 import json
 import os
 import time
@@ -457,10 +456,12 @@ def quantize_model(model: str, out, *, method: str = "gptq", bits: int = 4, grou
     ckpt = Checkpoint(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     config = ckpt.config
     adapter = adapter_for(config)
-    if getattr(config, "quantization_config", None):
-        raise SECompressError(f"{path} is already quantized ({config.quantization_config.get('quant_method', '?')}): "
-                              f"start from the bf16/fp32 model")
-    requested_format, notes = output_format, []
+    # FP8-block / MXFP4 inputs are read dequantized (models/formats.py); other quantized inputs were refused by
+    # Checkpoint. The output has its own format: the input's quantization_config and MTP layer are not carried over.
+    from ..models.formats import rewritten_config
+
+    new_config, notes = rewritten_config(config, ckpt)
+    requested_format = output_format
     if output_format == "pack-quantized" and "keep" in policy:
         output_format = "fake-quant"
         notes.append("SE policy 'keep' leaves single experts in bf16 inside quantized layers (per-expert mixed "
@@ -508,7 +509,6 @@ def quantize_model(model: str, out, *, method: str = "gptq", bits: int = 4, grou
 
     from ..export.writer import CheckpointWriter
 
-    new_config = copy.deepcopy(config)
     engine = Engine(plan=plan, **common)
     engine.notes += notes
     with CheckpointWriter(ckpt, Path(out), new_config, force=force) as writer:
