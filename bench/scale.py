@@ -366,7 +366,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto")
     p.add_argument("--models", default=",".join(MODELS))
-    p.add_argument("--layers", type=int, default=2, help="decoder layers per small checkpoint")
+    p.add_argument("--layers", default="2", help="decoder layers per small checkpoint: N, or name=N,name=N")
     p.add_argument("--data", default="/work/scale-data", help="where the checkpoints go (not the repo)")
     p.add_argument("--out", default=str(REPO / "bench/results"))
     p.add_argument("--detect-tokens", default="4x128,16x128", help="two budgets SxL for the detect fit")
@@ -374,10 +374,13 @@ def main():
     p.add_argument("--full-calibration", action="store_true", help="128x2048 for detect and GPTQ (GPU)")
     p.add_argument("--solve-experts", type=int, default=16, help="experts in the batched-vs-loop solve (0: all)")
     p.add_argument("--skip-quantize", default="", help="models whose GPTQ run is skipped (CPU: too slow), comma list")
+    p.add_argument("--skip-solve", default="", help="models whose batched-vs-loop solve is skipped, comma list")
+    p.add_argument("--reuse", help="a scale.json of an earlier run: its measures fill in the skipped ones (labelled)")
     p.add_argument("--big", action="store_true", help="also the >RAM Qwen3-shaped checkpoint (~30 GB, 24 layers)")
     p.add_argument("--big-layers", type=int, default=24)
     p.add_argument("--big-quantize", default="gptq", choices=["gptq", "none"])
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--merge", help="comma list of scale.json files from runs on the same device: one report from them")
     # worker mode (one measure in this process)
     p.add_argument("--worker", choices=list(WORKERS))
     p.add_argument("--ckpt")
@@ -389,6 +392,17 @@ def main():
     args = p.parse_args()
     if args.worker:
         print(json.dumps(WORKERS[args.worker](args)))
+        return
+
+    if args.merge:
+        parts = [json.loads(Path(f).read_text()) for f in args.merge.split(",")]
+        results = parts[0]
+        results["command"] = " ; ".join(dict.fromkeys(r["command"] for r in parts))
+        for r in parts[1:]:
+            results["models"].update(r["models"])
+            results["big"] = r.get("big") or results.get("big")
+            results["notes"] += [n for n in r["notes"] if n not in results["notes"]]
+        write_results(results, Path(args.out))
         return
 
     from se_compress.models.placement import resolve_device
@@ -408,11 +422,18 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     log = open(data / "scale.log", "a")
     common = dict(device=str(device), batch_size=args.batch_size)
+    def reused(name, kind):  # read when needed: the earlier run may still be finishing
+        if not args.reuse or not Path(args.reuse).exists():
+            return None
+        return json.loads(Path(args.reuse).read_text())["models"].get(name, {}).get(kind)
+
+    layer_counts = dict(kv.split("=") for kv in args.layers.split(",")) if "=" in args.layers else {}
     for name in [m for m in args.models.split(",") if m]:
         t = time.time()
-        ckpt = write_checkpoint(name, args.layers, data / f"{name}-{args.layers}layers")
+        layers = int(layer_counts.get(name, 2 if layer_counts else args.layers))
+        ckpt = write_checkpoint(name, layers, data / f"{name}-{layers}layers")
         print(f"[scale] {name}: checkpoint ready ({time.time() - t:.0f} s)", flush=True)
-        r = results["models"][name] = {"layers": args.layers, "checkpoint": str(ckpt)}
+        r = results["models"][name] = {"layers": layers, "checkpoint": str(ckpt)}
         runs = [("detect", detect_budgets[-1])] + ([("detect_small", detect_budgets[0])] if len(detect_budgets) > 1 else [])
         for kind, (s, l) in runs:
             r[kind] = run_worker("detect", log, ckpt=ckpt, samples=s, seqlen=l, **common)
@@ -421,8 +442,15 @@ def main():
                                        seqlen=gptq_budget[1], **common)
         experts = MODELS[name]["kw"].get("num_experts") or MODELS[name]["kw"].get("num_local_experts") or \
             MODELS[name]["kw"]["n_routed_experts"]
-        r["solve"] = run_worker("solve", log, model=name, experts=min(experts, args.solve_experts or experts),
-                                device=str(device))
+        if name not in args.skip_solve.split(","):
+            r["solve"] = run_worker("solve", log, model=name, experts=min(experts, args.solve_experts or experts),
+                                    device=str(device))
+        for kind in ("quantize", "solve"):
+            old = reused(name, kind)
+            if kind not in r and old and "error" not in old and old["placement"]["device"] == str(device):
+                r[kind] = old
+                results["notes"].append(f"{name} {kind}: measured by an earlier run of this script on the same device "
+                                        f"({args.reuse}), same code; not rerun here to save CPU time.")
         (out / "scale.json").write_text(json.dumps(summarize(results), indent=2))
     if args.big:
         t = time.time()
@@ -441,6 +469,10 @@ def main():
                                 "No GPU figure is quoted: none was measured.")
     results["notes"].append("Peak RSS includes the Python/torch process (~0.5 GiB). Full-model minutes = mean MoE-layer "
                             "time x real depth (embedding/lm_head small here).")
+    write_results(results, out)
+
+
+def write_results(results: dict, out: Path) -> None:
     summarize(results)
     (out / "scale.json").write_text(json.dumps(results, indent=2))
     (out / "scale.md").write_text(markdown(results))

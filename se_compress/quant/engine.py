@@ -549,9 +549,10 @@ def quantize_model(model: str, out, *, method: str = "gptq", bits: int = 4, grou
         if method == "gptq":
             ids = calibration.input_ids
             triggers = trigger_mask(ids, ses)
+            sm.plan_activations(ids.numel())
             for b in range(0, ids.shape[0], batch_size):
                 h, args = sm.embed_and_layer_kwargs(ids[b: b + batch_size])
-                hidden.append(h)
+                hidden.append(sm.placement.hold(h))
                 layer_args.append(args)
                 batch_triggers.append(triggers[b: b + batch_size])
         for i in tqdm(range(len(sm.layers)), desc=f"quantize {method} w{bits}", disable=not progress):
