@@ -68,6 +68,19 @@ def _random(shape, name: str, generator) -> torch.Tensor:
     return torch.empty(shape, dtype=torch.bfloat16).normal_(0, 0.02, generator=generator)
 
 
+class ExpertWeights:
+    """Random expert matrices made fast: one random bf16 matrix per shape, each expert a different column roll of
+    it (drawing 15 G normal numbers for the 30 GB checkpoint would take longer than the measures themselves)."""
+
+    def __init__(self, generator):
+        self.generator, self.base = generator, {}
+
+    def __call__(self, shape, e: int) -> torch.Tensor:
+        if shape not in self.base:
+            self.base[shape] = _random(shape, "w", self.generator)
+        return self.base[shape].roll(e * 7 + 1, dims=1)
+
+
 def write_checkpoint(name: str, layers: int, out: Path) -> Path:
     """Random bf16 weights with `name`'s exact layer shapes, one safetensors shard per decoder layer."""
     from accelerate import init_empty_weights
@@ -93,6 +106,7 @@ def write_checkpoint(name: str, layers: int, out: Path) -> Path:
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
     generator = torch.Generator().manual_seed(0)
+    expert = ExpertWeights(generator)
     weight_map, shards = {}, {}
     for key, t in model.state_dict().items():
         layer = int(key.split(".")[2]) if key.startswith("model.layers.") else None
@@ -105,16 +119,58 @@ def write_checkpoint(name: str, layers: int, out: Path) -> Path:
                 for e in range(shape[0]):
                     if key.endswith("gate_up_proj"):
                         inter = shape[1] // 2
-                        tensors[prefix + gate_t.format(e=e)] = _random((inter, shape[2]), "w", generator)
-                        tensors[prefix + up_t.format(e=e)] = _random((inter, shape[2]), "w", generator)
+                        tensors[prefix + gate_t.format(e=e)] = expert((inter, shape[2]), 3 * e + layer)
+                        tensors[prefix + up_t.format(e=e)] = expert((inter, shape[2]), 3 * e + layer + 1)
                     else:
-                        tensors[prefix + down_t.format(e=e)] = _random(shape[1:], "w", generator)
+                        tensors[prefix + down_t.format(e=e)] = expert(tuple(shape[1:]), 3 * e + layer + 2)
             else:
                 tensors[key] = _random(shape, key, generator)
         file = f"model-{'outside' if layer is None else f'layer{layer:03d}'}.safetensors"
         save_file(tensors, str(tmp / file), metadata={"format": "pt"})
         weight_map.update({k: file for k in tensors})
         del tensors
+    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    tmp.rename(out)
+    return out
+
+
+def replicate_layers(src: Path, layers: int, out: Path) -> Path:
+    """A deeper checkpoint from a one-layer one: layer 0's shard copied (by the kernel) under each layer's names.
+
+    The safetensors header (8-byte length + JSON) is rewritten with model.layers.0 -> model.layers.i; the data
+    bytes are copied unchanged with os.copy_file_range, so a 30 GB checkpoint costs disk time, not CPU time.
+    Every layer then holds the same random weights: the same work and memory per layer as distinct ones."""
+    if (out / "model.safetensors.index.json").exists():
+        return out
+    tmp = out.with_name(out.name + ".partial")  # kept across interrupted runs: whole layer files are reused
+    tmp.mkdir(parents=True, exist_ok=True)
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    layer_file = next(f for k, f in index["weight_map"].items() if k.startswith("model.layers.0."))
+    weight_map = {k: f for k, f in index["weight_map"].items() if not k.startswith("model.layers.")}
+    for f in {*weight_map.values(), "tokenizer.json", "tokenizer_config.json"}:
+        shutil.copy(src / f, tmp / f)
+    config = json.loads((src / "config.json").read_text())
+    config["num_hidden_layers"] = layers
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    with open(src / layer_file, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+    data_start, data_len = 8 + header_len, (src / layer_file).stat().st_size - 8 - header_len
+    for i in range(layers):
+        renamed = {(k.replace("model.layers.0.", f"model.layers.{i}.", 1)): v for k, v in header.items()}
+        text = json.dumps(renamed).encode()
+        text += b" " * (-len(text) % 8)
+        name = f"model-layer{i:03d}.safetensors"
+        weight_map.update({k: name for k in renamed if k != "__metadata__"})
+        if (tmp / name).exists() and (tmp / name).stat().st_size == 8 + len(text) + data_len:
+            continue
+        with open(src / layer_file, "rb") as fin, open(tmp / name, "wb") as fout:
+            fout.write(len(text).to_bytes(8, "little") + text)
+            fout.flush()
+            offset, left = data_start, data_len
+            while left:
+                n = os.copy_file_range(fin.fileno(), fout.fileno(), left, offset)
+                offset, left = offset + n, left - n
     (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     tmp.rename(out)
     return out
@@ -219,6 +275,7 @@ def _sync(placement):
         torch.cuda.synchronize(placement.device)
 
 
+THREADS = [0]  # --threads: 0 = torch's default
 WORKERS = {"detect": worker_detect, "quantize": worker_quantize, "solve": worker_solve}
 
 
@@ -226,7 +283,10 @@ def run_worker(kind: str, log, **kw) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind] + [f"--{k.replace('_', '-')}={v}" for k, v in kw.items()]
     print(f"[scale] {' '.join(cmd[2:])}", flush=True)
     start = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    threads = str(THREADS[0])  # a shared machine: one thread per measure (OpenMP barriers stall under oversubscription)
+    env = {**os.environ, "PYTHONPATH": str(REPO), **({"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+                                                    if THREADS[0] else {})}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     log.write(proc.stderr[-4000:])
     if proc.returncode != 0:
         print(proc.stderr[-2000:], flush=True)
@@ -275,7 +335,8 @@ def markdown(results: dict) -> str:
     env = results["environment"]
     lines = [f"# Scale: real layer shapes ({env['device']}, {env['when']})", "",
              f"Command: `{results['command']}`", "",
-             f"Device: {env['device_name']}; torch {env['torch']}; {env['cpus']} CPU cores; RAM {env['ram_gb']:.0f} GiB.",
+             f"Device: {env['device_name']}; torch {env['torch']}; {env['cpus']} CPU cores ({env.get('threads', '?')} "
+             f"thread(s) per measure); RAM {env['ram_gb']:.0f} GiB.",
              "Random bf16 weights with the exact layer shapes; a 4096-token vocabulary (embedding and lm_head are "
              "small here, as they are a small share of the real models). GPTQ: W4 g128 symmetric, all-expert "
              "calibration, pack-quantized output, report metrics included.", ""]
@@ -380,6 +441,7 @@ def main():
     p.add_argument("--big-layers", type=int, default=24)
     p.add_argument("--big-quantize", default="gptq", choices=["gptq", "none"])
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--threads", type=int, default=0, help="CPU threads per measure (0: torch's default; 1 on a shared CPU)")
     p.add_argument("--merge", help="comma list of scale.json files from runs on the same device: one report from them")
     # worker mode (one measure in this process)
     p.add_argument("--worker", choices=list(WORKERS))
@@ -393,6 +455,7 @@ def main():
     if args.worker:
         print(json.dumps(WORKERS[args.worker](args)))
         return
+    THREADS[0] = args.threads
 
     if args.merge:
         parts = [json.loads(Path(f).read_text()) for f in args.merge.split(",")]
@@ -414,7 +477,7 @@ def main():
     detect_budgets = [(128, 2048)] if args.full_calibration else [budget(b) for b in args.detect_tokens.split(",")]
     gptq_budget = (128, 2048) if args.full_calibration else budget(args.gptq_tokens)
     cuda = device.type == "cuda"
-    env = {"device": str(device), "cuda": cuda, "device_name": torch.cuda.get_device_name(device) if cuda else "CPU",
+    env = {"device": str(device), "cuda": cuda, "threads": args.threads or torch.get_num_threads(), "device_name": torch.cuda.get_device_name(device) if cuda else "CPU",
            "torch": torch.__version__, "cpus": os.cpu_count(), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "ram_gb": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30}
     results = {"command": "python " + " ".join(sys.argv), "environment": env, "models": {}, "notes": []}
@@ -454,7 +517,8 @@ def main():
         (out / "scale.json").write_text(json.dumps(summarize(results), indent=2))
     if args.big:
         t = time.time()
-        ckpt = write_checkpoint("qwen3-30b-a3b", args.big_layers, data / f"qwen3-30b-a3b-{args.big_layers}layers")
+        one = write_checkpoint("qwen3-30b-a3b", 1, data / "qwen3-30b-a3b-1layers")
+        ckpt = replicate_layers(one, args.big_layers, data / f"qwen3-30b-a3b-{args.big_layers}layers")
         size = sum(f.stat().st_size for f in ckpt.glob("*.safetensors")) / 2**30
         print(f"[scale] big checkpoint ready: {size:.1f} GiB ({time.time() - t:.0f} s)", flush=True)
         big = results["big"] = {"layers": args.big_layers, "size_gb": size, "checkpoint": str(ckpt)}
