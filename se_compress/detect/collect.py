@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from ..models.adapters import adapter_for
 from ..models.checkpoint import Checkpoint
+from ..models.placement import current
 from ..models.streaming import StreamedModel
 from .stats import ExpertRecorder, HiddenRecorder, attach_recorders, detach_recorders
 
@@ -28,8 +29,10 @@ def _batches(input_ids: torch.Tensor, batch_size: int):
 
 
 def collect_streamed(ckpt: Checkpoint, input_ids: torch.Tensor, batch_size: int = 8, progress: bool = True,
-                     dtype: torch.dtype = torch.float32, layer_hook=None) -> Statistics:
-    """`layer_hook(layer_idx, layer)`, if given, runs after each layer is loaded and before the batches go through it
+                     dtype: torch.dtype | None = None, layer_hook=None) -> Statistics:
+    """Device and dtype: the current Placement (models/placement.py); `dtype` overrides its compute dtype.
+
+    `layer_hook(layer_idx, layer)`, if given, runs after each layer is loaded and before the batches go through it
     (the merger hangs a hook on the MoE block there to see its inputs in the same pass)."""
     sm = StreamedModel(ckpt, dtype=dtype)
     config, adapter = sm.config, sm.adapter
@@ -59,12 +62,14 @@ def collect_streamed(ckpt: Checkpoint, input_ids: torch.Tensor, batch_size: int 
 
 @torch.no_grad()
 def collect_in_memory(ckpt: Checkpoint, input_ids: torch.Tensor, batch_size: int = 8,
-                      dtype: torch.dtype = torch.float32) -> Statistics:
+                      dtype: torch.dtype | None = None) -> Statistics:
     """Reference path: the whole model loaded with plain from_pretrained (small models, tests)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=dtype, trust_remote_code=ckpt.trust_remote_code)
-    model.eval()
+    placement = current()
+    model = AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=dtype or placement.compute_dtype,
+                                                 trust_remote_code=ckpt.trust_remote_code)
+    model.to(placement.device).eval()
     config, adapter = model.config, adapter_for(model.config)
     seq_len = input_ids.shape[1]
     layers = model.model.layers
@@ -82,7 +87,7 @@ def collect_in_memory(ckpt: Checkpoint, input_ids: torch.Tensor, batch_size: int
     for start, batch in _batches(input_ids, batch_size):
         for rec in list(stats.experts.values()) + stats.hidden:
             rec.token_base = start * seq_len
-        model.model(input_ids=batch, use_cache=False)
+        model.model(input_ids=placement.to_compute(batch), use_cache=False)
     for i, layer in enumerate(layers):
         detach_recorders(adapter, layer, [])
     for h in all_handles:
