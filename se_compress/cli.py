@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from . import distributed
 from .errors import SECompressError
 
 
@@ -53,6 +54,8 @@ def cmd_detect(args):
     from .detect.stability import run_stability
 
     criterion = _criterion(args)
+    if distributed.active() and (args.stability or args.in_memory):
+        raise SECompressError("--stability and --in-memory run in one process: launch them without torchrun")
     common = dict(samples=args.samples, seqlen=args.seqlen, criterion=criterion, batch_size=args.batch_size,
                   allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
     report = detect(args.model, calib=args.calib, seed=args.seed, streamed=not args.in_memory, **common)
@@ -140,6 +143,8 @@ def cmd_quantize(args):
         layer_bits=args.layer_bits, se_report=se_report, calib=args.calib, samples=args.samples, seqlen=args.seqlen,
         seed=args.seed, force=args.force, batch_size=args.batch_size, expert_calibration=args.expert_calibration,
         allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+    if not distributed.is_main():
+        return  # torchrun: rank 0 wrote the checkpoint and reports it
     report = json.loads((result / "compression_report.json").read_text())
     load = report["loading"]
     print(f"{report['method']} int{report['bits']} ({report['output_format']}), SE policy {'+'.join(report['se_policy'])}: "
@@ -407,7 +412,8 @@ def main(argv=None):
         parser.print_help()
         return 0
     try:
-        args.func(args)
+        with distributed.session(args.command):  # torchrun: join the group; a failed rank ends every rank
+            args.func(args)
     except SECompressError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

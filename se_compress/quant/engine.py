@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed as dist
 from ..errors import SECompressError
 from ..models.adapters import adapter_for
 from ..models.checkpoint import Checkpoint, resolve_model
@@ -87,6 +88,7 @@ class LayerQuantizer:
     def __init__(self, engine, layer_idx, layer):
         self.e, self.i, self.layer = engine, layer_idx, layer
         self.packed: dict[str, Quantized] = {}  # disk-name prefix -> codes (pack-quantized output)
+        self.solved: dict[tuple[int, str], Quantized] = {}  # (expert, gate_up|down) -> codes, for the exchange
 
     def spec(self, bits):
         return QuantSpec(bits, self.e.group_size, self.e.symmetric)
@@ -176,18 +178,23 @@ class LayerQuantizer:
         inter = expert_weights(experts, 0)[1].shape[1]
         tw = e.trigger_weight
         shared_prep, batch = None, []
+        split = dist.ExpertSplit(self, experts, inter)  # torchrun: this rank solves some experts, then all exchange
         for x in range(experts.num_experts):
+            mine = split.begin(x)
             bits = plan.expert_bits(self.i, x)
             base = f"{LAYERS_PREFIX}{self.i}.{e.adapter.moe_attr}.experts.{x}"
             if bits == KEEP_BITS:
                 params = sum(w.numel() for w in expert_weights(experts, x))
-                e.modules.append({"name": base, "layer": self.i, "expert": x, "bits": KEEP_BITS, "kept": True,
-                                  "params": params})
+                if mine:
+                    e.modules.append({"name": base, "layer": self.i, "expert": x, "bits": KEEP_BITS, "kept": True,
+                                      "params": params})
                 continue
             gate_up, down = expert_weights(experts, x)
             noclip, calib = plan.noclip(self.i, x), plan.calib(self.i, x) and collector is not None
-            track = self._super_weights(down, x) if plan.is_se(self.i, x) else None
+            track = self._super_weights(down, x) if mine and plan.is_se(self.i, x) else None
             exact_down = track if noclip else None
+            if not mine and (collector is None or e.expert_calibration != "all"):
+                continue  # only an expert's own solves, and the shared gate/up batch below, concern the others
             if collector is None:  # RTN
                 self._store(x, "gate_up", self.quantize(f"{base}.gate_up_proj", gate_up, bits, noclip=noclip, expert=x), inter)
                 self._store(x, "down", self.quantize(f"{base}.down_proj", down, bits, exact=exact_down, noclip=noclip,
@@ -207,20 +214,22 @@ class LayerQuantizer:
                         shared_prep = False
                 if shared_prep is not False:
                     batch.append((x, gate_up, bits, H_in, tokens))
-                else:
+                elif mine:
                     qt = self.quantize(f"{base}.gate_up_proj", gate_up, bits, H=H_in, tokens=tokens, expert=x,
                                        fallback_reason="Hessian not positive definite")
                     self._store(x, "gate_up", qt, inter)
-            else:
+            elif mine:
                 qt = self.quantize(f"{base}.gate_up_proj", gate_up, bits, H=H_in, noclip=noclip, tokens=tokens,
                                    expert=x, fallback_reason=reason)
                 self._store(x, "gate_up", qt, inter)
-            qt = self.quantize(f"{base}.down_proj", down, bits, H=H_down, exact=exact_down, noclip=noclip,
-                               tokens=tokens, expert=x, fallback_reason=reason, track=track)
-            self._store(x, "down", qt, inter)
-        self._batched_gate_up(batch, shared_prep, inter)
+            if mine:
+                qt = self.quantize(f"{base}.down_proj", down, bits, H=H_down, exact=exact_down, noclip=noclip,
+                                   tokens=tokens, expert=x, fallback_reason=reason, track=track)
+                self._store(x, "down", qt, inter)
+        self._batched_gate_up(batch, shared_prep, inter, split)
+        split.finish()
 
-    def _batched_gate_up(self, batch, prepared, inter):
+    def _batched_gate_up(self, batch, prepared, inter, split):
         e = self.e
         by_bits = {}
         for item in batch:
@@ -229,6 +238,8 @@ class LayerQuantizer:
             rows = items[0][1].shape[0]
             chunk = max(1, EXPERT_CHUNK_ROWS // rows)
             for c in range(0, len(items), chunk):
+                if not split.begin_chunk(c // chunk):
+                    continue
                 part = items[c: c + chunk]
                 W = torch.cat([g.float() for _, g, _, _, _ in part])
                 qt = gptq_quantize(W, prepared, self.spec(bits), e.scale_dtype, clip=e.clip_search)
@@ -241,6 +252,7 @@ class LayerQuantizer:
                     self._store(x, "gate_up", sub, inter)
 
     def _store(self, x, which, qt, inter):
+        self.solved[(x, which)] = qt
         if self.e.templates is None:
             return
         gate_t, up_t, down_t = self.e.templates
@@ -292,6 +304,7 @@ class Engine:
             finally:
                 for h in handles:
                     h.remove()
+            dist.reduce_hessians(sums.values())
             lq.linears(attention, sums, self.trigger_weight_for)
         track = lambda kind: kind == "shared" and self.plan.calib(i, "shared")
         sums = {k: HessianSum(m.in_features, track(kind)) for k, (m, kind) in mlp_linears.items()}
@@ -308,6 +321,7 @@ class Engine:
         finally:
             for h in handles:
                 h.remove()
+        dist.reduce_hessians(sums.values(), collector)
         lq.linears(mlp_linears, sums, self.trigger_weight_for)
         if experts is not None:
             lq.experts(experts, collector)
@@ -511,7 +525,8 @@ def quantize_model(model: str, out, *, method: str = "gptq", bits: int = 4, grou
     new_config = copy.deepcopy(config)
     engine = Engine(plan=plan, **common)
     engine.notes += notes
-    with CheckpointWriter(ckpt, Path(out), new_config, force=force) as writer:
+    writer_class = CheckpointWriter if dist.is_main() else dist.NullWriter  # torchrun: rank 0 writes
+    with writer_class(ckpt, Path(out), new_config, force=force) as writer:
         engine.scale_dtype = writer.dtype
         if output_format == "pack-quantized":
             new_config.quantization_config = _pack_layout(engine, sm)
@@ -520,7 +535,7 @@ def quantize_model(model: str, out, *, method: str = "gptq", bits: int = 4, grou
         if method == "gptq":
             ids = calibration.input_ids
             triggers = trigger_mask(ids, ses)
-            for b in range(0, ids.shape[0], batch_size):
+            for b in dist.batch_starts(ids.shape[0], batch_size):  # torchrun: this rank's batches
                 h, args = sm.embed_and_layer_kwargs(ids[b: b + batch_size])
                 hidden.append(h)
                 layer_args.append(args)
@@ -529,6 +544,8 @@ def quantize_model(model: str, out, *, method: str = "gptq", bits: int = 4, grou
             layer, lq = engine.run_layer(sm, i, hidden, layer_args, batch_triggers)
             engine.write_layer(writer, i, layer, lq)
             sm.free_layer(i)
+        if not dist.is_main():
+            return Path(out)
         report = summarize(engine, model=model, source=path, requested_format=requested_format,
                            calibration=calibration.describe() if calibration else None, se_report=se_report,
                            seconds=time.time() - start)
