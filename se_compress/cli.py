@@ -5,6 +5,7 @@ printed as one line naming the problem and the fix, and the command exits with s
 """
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -241,6 +242,9 @@ def cmd_push(args):
 def build_parser():
     parser = argparse.ArgumentParser(prog="se-compress", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nproc", type=int, default=None, metavar="N",
+                        help="run detect/quantize/compress in N processes (GPUs) through torchrun's launcher; the "
+                             "same as `torchrun --nproc-per-node N -m se_compress COMMAND ...`")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("detect", help="find the Super Experts of a model; writes se_report.json/.md and plots",
                        description="Run calibration text through the model one decoder layer at a time, measure every "
@@ -411,6 +415,15 @@ def main(argv=None):
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    if args.nproc is not None and not os.environ.get("RANK"):
+        rest = list(sys.argv[1:] if argv is None else argv)
+        at = next(i for i, a in enumerate(rest) if a.startswith("--nproc"))
+        del rest[at: at + (1 if "=" in rest[at] else 2)]
+        try:
+            return distributed.launch(args.nproc, rest)
+        except SECompressError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     try:
         with distributed.session(args.command):  # torchrun: join the group; a failed rank ends every rank
             args.func(args)

@@ -35,6 +35,7 @@ import torch
 from .errors import SECompressError
 
 DISTRIBUTED_COMMANDS = ("detect", "quantize", "compress")
+LAUNCHER_ENV = "SE_COMPRESS_LAUNCHER"  # set by `se-compress --nproc N` for its workers
 KILL_HOOK = "SE_COMPRESS_TEST_KILL"  # tests: "RANK:LAYER" kills that rank (SIGKILL) when quantize reaches LAYER
 
 
@@ -91,10 +92,10 @@ def init_from_env(command: str) -> None:
         return
     import torch.distributed as dist
 
+    _S.rank, _S.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if command not in DISTRIBUTED_COMMANDS:
         raise SECompressError(f"'{command}' runs in one process: launch it without torchrun "
                               f"(several processes: {', '.join(DISTRIBUTED_COMMANDS)})")
-    _S.rank, _S.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     _S.local_rank = int(os.environ.get("LOCAL_RANK", 0))
     _S.backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
     if _S.backend == "nccl":
@@ -170,6 +171,8 @@ def _alive(pid: int) -> bool:
 
 def _claim() -> bool:
     """True for the first rank to report a failure (torchrun's store outlives any rank); others stay silent."""
+    if _S.store is None:  # failed before joining the group (a bad command or option): the same on every rank
+        return is_main()
     try:
         _S.store.set_timeout(datetime.timedelta(seconds=10))
         return _S.store.add("se_compress/failure_reports", 1) == 1
@@ -202,6 +205,8 @@ def session(command: str):
 def _failure_line(exc: BaseException) -> tuple[int, str]:
     me = f"rank {_S.rank}"
     if isinstance(exc, (PeerFailed, Terminated)):
+        if os.environ.get(LAUNCHER_ENV):
+            return 1, ""  # `se-compress --nproc`: the launcher names the rank that died (its exit status is known)
         dead = _dead_ranks() if _S.store is not None else []
         if dead:
             names = ", ".join(str(r) for r in dead)
@@ -272,6 +277,32 @@ def kill_hook(layer: int) -> None:
     spec = os.environ.get(KILL_HOOK)
     if spec and active() and spec == f"{_S.rank}:{layer}":
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """`se-compress --nproc N COMMAND ...`: torchrun's own launcher (torch.distributed.run, standalone rendezvous on a
+    free port), N workers running `python -m se_compress COMMAND ...`; a failure ends in one line, not torchrun's
+    traceback: a worker that failed by itself printed its line; one killed by a signal is named here."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    if nproc < 1:
+        raise SECompressError(f"--nproc {nproc}: give the number of processes (GPUs of this node), 1 or more")
+    for name in ("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    os.environ[LAUNCHER_ENV] = "1"
+    args = parse_args(["--standalone", "--nproc-per-node", str(nproc), "-m", "se_compress", *argv])
+    try:
+        run(args)
+    except ChildFailedError as exc:
+        failed_rank, failure = exc.get_first_failure()
+        if failure.exitcode < 0:  # killed (OOM killer, SIGKILL): it could not say so itself
+            print(f"error: rank {failed_rank} failed (killed by {failure.signal_name()}); every rank stopped and "
+                  f"nothing was written at the output name: re-run to start cleanly", file=sys.stderr, flush=True)
+        return failure.exitcode if failure.exitcode > 0 else 1
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
