@@ -20,6 +20,12 @@ def _model_args(p):
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom modeling code from the checkpoint")
 
 
+def _device_arg(p):
+    p.add_argument("--device", default=None, metavar="DEVICE",
+                   help="where the model runs: auto (default: CUDA when available, else cpu), cpu, cuda or cuda:N; "
+                        "bf16 on a GPU, fp32 on the CPU; statistics, Hessians and GPTQ solves in fp32")
+
+
 def _calib_args(p, samples=64, seqlen=256):
     p.add_argument("--calib", default="wikitext2",
                    help="calibration text: 'wikitext2' (valid split, shipped), 'c4' (shipped sample), a text file, or a Hub dataset org/name[:split]")
@@ -104,7 +110,8 @@ def cmd_train_default(args):
 def cmd_compress(args):
     from .driver import compress
 
-    out = compress(args.recipe, model=args.model, out=args.out, force=args.force, evaluate=not args.no_eval)
+    out = compress(args.recipe, model=args.model, out=args.out, force=args.force, evaluate=not args.no_eval,
+                   device=distributed.device_spec(args.device))
     print(f"checkpoint: {out}" + ("" if args.no_eval or not (out / "compare.md").exists() else
                                   f"\ncomparison: {out}/compare.md, {out}/compare.png"))
 
@@ -256,6 +263,7 @@ def build_parser():
     p.add_argument("--in-memory", action="store_true", help="load the whole model instead of streaming layers (small models)")
     p.add_argument("--stability", action="store_true",
                    help="repeat detection over seeds, both shipped calibration sets and smaller token budgets")
+    _device_arg(p)
     p.set_defaults(func=cmd_detect)
 
     p = sub.add_parser("ablate", help="the paper's study: perplexity with the SEs zeroed vs as many random experts",
@@ -270,6 +278,7 @@ def build_parser():
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows (quick runs)")
     _calib_args(p)
     _criterion_args(p)
+    _device_arg(p)
     p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("compress", help="run a recipe: detect, compress, write, evaluate against the naive twin",
@@ -281,6 +290,7 @@ def build_parser():
     p.add_argument("--out", default=None, help="output folder (default checkpoints/<model>-<recipe>)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation beside the base model and naive twins")
+    _device_arg(p)
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("compare", help="run or reuse several recipes on one model; one table and a quality/size chart",
@@ -295,6 +305,7 @@ def build_parser():
     p.add_argument("--tasks", default=None, help="comma list of evaluations (default: the first recipe's)")
     p.add_argument("--limit", type=int, default=None, help="at most N examples per lm-eval task")
     p.add_argument("--max-windows", type=int, default=None, help="only the first N perplexity windows")
+    _device_arg(p)
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("train-default", help="retrain the shipped default model (about 110 minutes on one CPU thread)",
@@ -326,6 +337,7 @@ def build_parser():
     p.add_argument("--se-report", help="se_report.json (or its folder) from se-compress detect; default: detect first")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     _calib_args(p)
+    _device_arg(p)
     p.set_defaults(func=cmd_quantize)
     p = sub.add_parser("prune", help="remove routed experts (same count per layer), never a Super Expert; or --zero",
                        description="Remove --fraction or --keep routed experts per MoE layer by a saliency criterion "
@@ -344,6 +356,7 @@ def build_parser():
     p.add_argument("--se-report", help="se_report.json (or its folder): its SEs and per-expert statistics; no calibration pass")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     _calib_args(p)
+    _device_arg(p)
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("merge", help="merge routed experts by output similarity into fewer; SEs stay alone",
@@ -367,6 +380,7 @@ def build_parser():
     p.add_argument("--se-report", help="se_report.json (or its folder) whose SE set to use (the pass still runs)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     _calib_args(p)
+    _device_arg(p)
     p.set_defaults(func=cmd_merge)
     p = sub.add_parser("eval", help="perplexity, lm-eval tasks (offline copies shipped), attention sink, repetition",
                        description="WikiText-2 perplexity (GPTQ convention, streamed), lm-eval-harness tasks through its "
@@ -389,6 +403,7 @@ def build_parser():
     p.add_argument("--label", help="name of this model in tables (default: the folder name)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (on a machine busy with other jobs, 1 can be many times faster)")
+    _device_arg(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("push", help="write the model card, then upload the checkpoint to the Hugging Face Hub",
@@ -425,8 +440,12 @@ def main(argv=None):
             print(f"error: {exc}", file=sys.stderr)
             return 2
     try:
-        with distributed.session(args.command):  # torchrun: join the group; a failed rank ends every rank
-            args.func(args)
+        from .models.placement import use_device
+
+        device = getattr(args, "device", None)
+        with distributed.session(args.command, device):  # torchrun: join the group; a failed rank ends every rank
+            with use_device(distributed.device_spec(device)):  # one placement for the whole command (placement.py)
+                args.func(args)
     except SECompressError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

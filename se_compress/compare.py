@@ -44,10 +44,10 @@ def evaluate_cached(model: str, options: EvaluateOptions, out: Path, label: str,
     from .eval.run import evaluate_checkpoint
 
     out = Path(out)
-    import torch
-
     # The device decides the dtype of the evaluation (bf16 on a GPU, fp32 on CPU): part of what was measured.
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    from .models.placement import current
+
+    device = current().device.type
     request = {"fingerprint": fingerprint(resolve_model(model)), "options": options.model_dump(), "device": device}
     stamp = out / "request.json"
     if (out / "eval.json").exists() and stamp.exists() and json.loads(stamp.read_text()) == request:

@@ -78,6 +78,14 @@ def device() -> str | None:
     return f"cuda:{_S.local_rank}" if _S.backend == "nccl" else None
 
 
+def device_spec(spec: str | None) -> str | None:
+    """The --device value for this rank: under NCCL, auto/cuda (unset included) mean this rank's GPU, cuda:LOCAL_RANK
+    (a recipe's `device: cuda` too, since the CLI's value wins); otherwise `spec` unchanged."""
+    if _S.backend == "nccl" and (spec is None or str(spec).strip().lower() in ("auto", "cuda")):
+        return device()
+    return spec
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # start, stop, failure
 
@@ -86,7 +94,7 @@ def _launched() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def init_from_env(command: str) -> None:
+def init_from_env(command: str, device_spec: str | None = None) -> None:
     """Join the process group torchrun set up (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT in the env)."""
     if not _launched() or int(os.environ["WORLD_SIZE"]) <= 1:
         return
@@ -97,7 +105,8 @@ def init_from_env(command: str) -> None:
         raise SECompressError(f"'{command}' runs in one process: launch it without torchrun "
                               f"(several processes: {', '.join(DISTRIBUTED_COMMANDS)})")
     _S.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    _S.backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+    on_cpu = device_spec is not None and str(device_spec).strip().lower() == "cpu"
+    _S.backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() and not on_cpu else "gloo"
     if _S.backend == "nccl":
         torch.cuda.set_device(_S.local_rank)
     # Long enough for rank 0 to write a layer while the others wait at the next collective; a dead peer is seen
@@ -181,14 +190,14 @@ def _claim() -> bool:
 
 
 @contextlib.contextmanager
-def session(command: str):
+def session(command: str, device_spec: str | None = None):
     """Run a CLI command: without torchrun, as usual; under torchrun, join the group, and turn any failure into one
     line (printed by the first rank to see it) and SystemExit, so that every rank ends."""
     if not (_launched() and int(os.environ["WORLD_SIZE"]) > 1):
         yield
         return
     try:
-        init_from_env(command)
+        init_from_env(command, device_spec)
         yield
     except SystemExit:
         raise
@@ -234,7 +243,8 @@ def _collective(fn, *args, **kwargs):
 
 
 def _comm(t: torch.Tensor) -> torch.Tensor:
-    return t.to(device()) if device() else t
+    """NCCL reduces tensors on this rank's GPU, gloo on the CPU."""
+    return t.to(device() or "cpu")
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -411,6 +421,12 @@ def reduce_hessians(sums, collector=None) -> None:
         collector.count = all_reduce_sum(collector.count)
     if not sums:
         return
+    for s in sums:  # a sum that saw no input on this rank has no matrix yet (quant/hessian.py creates it lazily)
+        where = next((m.device for t in sums for m in (t.H, t.Ht) if m is not None), None)
+        if s.H is None:
+            s.H = torch.zeros(s.dim, s.dim, dtype=s.dtype, device=where)
+        if s.track_triggers and s.Ht is None:
+            s.Ht = torch.zeros(s.dim, s.dim, dtype=s.dtype, device=where)
     counts = torch.tensor([[s.n, s.nt] for s in sums], dtype=torch.long)
     counts = all_reduce_sum(counts)
     for s, (n, nt) in zip(sums, counts.tolist()):
@@ -434,8 +450,8 @@ def reduce_hessians(sums, collector=None) -> None:
 class ExpertSplit:
     """Who solves which expert of one layer, and the exchange afterwards (see the module docstring).
 
-    `begin(x)` / `begin_chunk(c)` open a job (an expert, or a chunk of the batched gate/up solve) and say whether
-    this rank runs it; the records that job adds to the engine's report lists are set aside and merged back on
+    `begin(x)` opens a job (the per-expert work of the loop: kept experts, RTN, fallbacks) and says whether this
+    rank runs it; `solve` runs this rank's share of a batched GPTQ. The records a job adds to the engine's report lists are set aside and merged back on
     rank 0 in job order, so the report is the one-process report. `finish()` broadcasts the codes."""
 
     def __init__(self, quantizer, experts, inter: int):
@@ -471,8 +487,29 @@ class ExpertSplit:
     def begin(self, x: int) -> bool:
         return self._open(x % _S.world)
 
-    def begin_chunk(self, c: int) -> bool:
-        return self._open(c % _S.world)
+    def solve(self, which: str, jobs: list[dict]) -> None:
+        """The batched GPTQ of one matrix kind (LayerQuantizer._solve_batched) on this rank's experts; each job's
+        records are set aside under the place the job has in the one-process order (grouped by (bits, shared
+        Hessian) in order of first appearance, then by expert), so rank 0 can put the report back in that order."""
+        if not self.on:
+            self.lq._solve_batched(which, jobs, self.inter)
+            return
+        self._close()
+        kinds = {}
+        for job in jobs:
+            kinds.setdefault((job["bits"], job["shared"]), len(kinds))
+        ordered = sorted(jobs, key=lambda j: (kinds[(j["bits"], j["shared"])], j["x"]))
+        seq_of = {job["name"]: self.seq + 1 + k for k, job in enumerate(ordered)}
+        self.seq += len(ordered)
+        mine = [job for job in jobs if job["x"] % _S.world == _S.rank]
+        marks = [len(lst) for lst in self._lists()]
+        self.lq._solve_batched(which, mine, self.inter)
+        first = seq_of[mine[0]["name"]] if mine else None
+        for slot, (lst, m) in enumerate(zip(self._lists(), marks)):
+            for entry in lst[m:]:
+                seq = seq_of.get(_job_name(entry), first)
+                self.jobs.setdefault(seq, [[], [], [], []])[slot].append(entry)
+            del lst[m:]
 
     def finish(self) -> None:
         if not self.on:
@@ -487,6 +524,7 @@ class ExpertSplit:
                  tuple(solved[(x, which)].scale.shape), solved[(x, which)].scale.dtype,
                  solved[(x, which)].zero is not None) for x, which in mine]
         everyone = all_gather_objects((meta, {} if is_main() else self.jobs))
+        where = expert_weights(self.experts, 0)[0].device
         for owner, (units, _) in enumerate(everyone):
             sizes = [_unit_bytes(u) for u in units]
             if not units:
@@ -494,7 +532,7 @@ class ExpertSplit:
             if owner == _S.rank:
                 buf = torch.cat([_pack(solved[(u[0], u[1])]) for u in units])
             else:
-                buf = torch.empty(sum(sizes), dtype=torch.uint8)
+                buf = torch.empty(sum(sizes), dtype=torch.uint8, device=where)
             buf = broadcast_bytes(buf, owner)
             if owner == _S.rank:
                 continue
@@ -515,6 +553,13 @@ class ExpertSplit:
             for seq in sorted(jobs):
                 for lst, part in zip(self._lists(), jobs[seq]):
                     lst.extend(part)
+
+
+def _job_name(entry) -> str | None:
+    """The matrix a report entry is about: a module record, a super weight, or a warning 'NAME: reason'."""
+    if isinstance(entry, dict):
+        return entry.get("name", entry.get("module"))
+    return entry.split(":", 1)[0] if isinstance(entry, str) else None
 
 
 def _unit_bytes(u) -> int:

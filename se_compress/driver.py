@@ -99,10 +99,18 @@ def check_evaluation(recipe: Recipe, model: str, out: Path) -> None:
 
 
 def compress(recipe_name: str, model: str | None = None, out: str | None = None, force: bool = False,
-             progress: bool = True, evaluate: bool = True) -> Path:
+             progress: bool = True, evaluate: bool = True, device: str | None = None) -> Path:
     """Run a recipe; returns the output folder. With `evaluate` (and evaluation tasks in the recipe), the result
-    is evaluated beside the base model and the recipe's baselines, and compare.md/.json/.png are written into it."""
+    is evaluated beside the base model and the recipe's baselines, and compare.md/.json/.png are written into it.
+    `device` (the CLI's --device) overrides the recipe's `device` key."""
+    from .models.placement import use_device
+
     recipe = load_recipe(recipe_name)
+    with use_device(device or recipe.device):
+        return _compress(recipe, model, out, force, progress, evaluate)
+
+
+def _compress(recipe, model, out, force, progress, evaluate) -> Path:
     model = model or recipe.model or "default"
     src = resolve_model(model)
     out = Path(out) if out else default_output(model, recipe)

@@ -111,6 +111,7 @@ class Recipe(Strict):
     name: str
     description: str = ""
     model: str | None = None
+    device: str = Field("auto", description="auto (CUDA when available), cpu, cuda or cuda:N; --device overrides it")
     detect: DetectOptions = DetectOptions()
     stages: list[Stage] = Field(..., min_length=1)
     evaluate: EvaluateOptions = EvaluateOptions()

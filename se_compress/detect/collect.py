@@ -29,8 +29,10 @@ def _batches(input_ids: torch.Tensor, batch_size: int):
 
 
 def collect_streamed(ckpt: Checkpoint, input_ids: torch.Tensor, batch_size: int = 8, progress: bool = True,
-                     dtype: torch.dtype = torch.float32, layer_hook=None) -> Statistics:
-    """`layer_hook(layer_idx, layer)`, if given, runs after each layer is loaded and before the batches go through it
+                     dtype: torch.dtype | None = None, layer_hook=None) -> Statistics:
+    """Device and dtype: the current Placement (models/placement.py); `dtype` overrides its compute dtype.
+
+    `layer_hook(layer_idx, layer)`, if given, runs after each layer is loaded and before the batches go through it
     (the merger hangs a hook on the MoE block there to see its inputs in the same pass)."""
     sm = StreamedModel(ckpt, dtype=dtype)
     config, adapter = sm.config, sm.adapter

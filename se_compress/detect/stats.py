@@ -91,8 +91,9 @@ class HiddenRecorder:
     @torch.no_grad()
     def update(self, hidden: torch.Tensor) -> None:
         batch, seq, width = hidden.shape
-        absh = hidden.detach().abs().double()
+        absh = hidden.detach().abs().float()  # reduced where the activations are; only [width] results leave
         channel_max, flat_token = absh.reshape(-1, width).max(0)
+        channel_max, flat_token = channel_max.double().cpu(), flat_token.cpu()
         better = channel_max > self.max_abs
         self.max_abs[better] = channel_max[better]
         self.max_token[better] = self.token_base + flat_token[better]
@@ -101,7 +102,7 @@ class HiddenRecorder:
             self.other_token_max = max(self.other_token_max, absh[:, 1:].max().item())
         flat = absh.reshape(-1)
         stride = max(1, flat.numel() // self.sample_per_batch)
-        self.samples.append(flat[::stride].float())
+        self.samples.append(flat[::stride].cpu())
 
     def median(self) -> float:
         return torch.cat(self.samples).median().item() if self.samples else 0.0
@@ -123,7 +124,7 @@ def attach_recorders(adapter, layer, layer_idx: int, config):
 
         def on_shared(module, inputs, output):
             x, y = inputs[0].reshape(-1, inputs[0].shape[-1]), output.reshape(-1, output.shape[-1])
-            weight = torch.sigmoid(gate(x)).squeeze(-1) if gate is not None else torch.ones(y.shape[0])
+            weight = torch.sigmoid(gate(x)).squeeze(-1) if gate is not None else torch.ones(y.shape[0], device=y.device)
             recorder.update(slot, y, torch.arange(y.shape[0]), weight)
 
         handles.append(shared.register_forward_hook(on_shared))

@@ -46,14 +46,14 @@ def default_seqlen(config) -> int:
 def nll_sum(logits: torch.Tensor, windows: torch.Tensor) -> tuple[float, int]:
     """Summed NLL of tokens 1..L-1 given their prefixes, and the count."""
     pred = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    target = windows[:, 1:].reshape(-1)
+    target = windows[:, 1:].reshape(-1).to(pred.device)
     return F.cross_entropy(pred, target, reduction="sum").item(), target.numel()
 
 
 @torch.no_grad()
 def perplexity_streamed(ckpt: Checkpoint, windows: torch.Tensor, batch_size: int = 16,
                         layer_hook: Callable | None = None, progress: bool = True, model: StreamedModel | None = None,
-                        dtype: torch.dtype = torch.float32) -> dict:
+                        dtype: torch.dtype | None = None) -> dict:
     sm = model or StreamedModel(ckpt, dtype=dtype)
     batches, hidden, layer_args = sm.embed_batches(windows, batch_size)
     for i in tqdm(range(len(sm.layers)), desc="ppl layers", disable=not progress):
@@ -78,7 +78,7 @@ def perplexity_in_memory(model, windows: torch.Tensor, batch_size: int = 8) -> d
     total, count = 0.0, 0
     for i in range(0, windows.shape[0], batch_size):
         batch = windows[i : i + batch_size]
-        s, n = nll_sum(model(input_ids=batch, use_cache=False).logits, batch)
+        s, n = nll_sum(model(input_ids=batch.to(model.device), use_cache=False).logits, batch)
         total, count = total + s, count + n
     return {"ppl": math.exp(total / count), "nll": total / count, "tokens": count, "windows": windows.shape[0],
             "seqlen": windows.shape[1]}

@@ -169,8 +169,10 @@ def evaluate_checkpoint(model: str, tasks: list[str] | None = None, limit: int |
     tokenizer = load_tokenizer(path, trust_remote_code)
     seqlen = seqlen or default_seqlen(ckpt.config)
     out = Path(out) if out else default_out(model, path)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    from ..models.placement import current
+
+    placement = current()  # --device: bf16 on a GPU, fp32 on the CPU
+    device, dtype = str(placement.device), placement.compute_dtype
     started, t0 = _now(), time.time()
     say = (lambda msg: print(msg, flush=True)) if progress else (lambda msg: None)
     _quiet_lm_eval()

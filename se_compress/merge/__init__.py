@@ -18,6 +18,7 @@ import torch
 from ..detect import detect
 from ..errors import SECompressError
 from ..export.writer import check_output_path
+from ..models.placement import host_placement
 from ..models.streaming import StreamedModel
 from ..prune import _moe_layers, _open
 from ..prune.common import (REPORT_NAME, check_se_report, dump_report, expert_groups, expert_statistics, model_card,
@@ -175,7 +176,7 @@ def merge_model(model: str, out, *, fraction: float | None = None, keep: int | N
     ]
     card = model_card(model, f"{Path(out).name}: {model} merged to {keep} of {num_experts} experts", summary, command,
                       ["expert-merging"])
-    sm = StreamedModel(ckpt)
+    sm = StreamedModel(ckpt, placement=host_placement())  # surgery only: weights are edited and written, never run
     edit = lambda i, layer: mix_experts(adapter, layer, *mixes[i]) if i in mixes else None  # noqa: E731
     return write_edited_checkpoint(sm, ckpt, out, new_config, edit, {REPORT_NAME: dump_report(compression),
                                                                      "README.md": card}, force, progress)

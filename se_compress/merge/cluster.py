@@ -39,8 +39,8 @@ class OutputGram:
             num_experts = module.experts.down_proj.shape[0]
             outputs = torch.stack([expert_forward(module.experts, e, x) for e in range(num_experts)])  # [E, n, H]
             flat = outputs.reshape(num_experts, -1).double()
-            self.grams[layer_idx] = self.grams.get(layer_idx, 0) + flat @ flat.T
-            self.sums[layer_idx] = self.sums.get(layer_idx, 0) + outputs.double().sum(1)  # [E, H]
+            self.grams[layer_idx] = self.grams.get(layer_idx, 0) + (flat @ flat.T).cpu()  # [E, E]: small, on the host
+            self.sums[layer_idx] = self.sums.get(layer_idx, 0) + outputs.double().sum(1).cpu()  # [E, H]
             self.tokens[layer_idx] = self.tokens.get(layer_idx, 0) + len(pick)
 
         self._handle = moe.register_forward_pre_hook(see_input, with_kwargs=True)

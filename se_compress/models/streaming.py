@@ -4,6 +4,10 @@ The model is built on the meta device (buffers such as rotary frequencies are re
 and lm_head are loaded once; each decoder layer is loaded, run over every calibration batch, and freed before
 the next. Peak memory is one decoder layer plus the activations of the calibration set, whatever the depth.
 
+Device and dtype come from a Placement (placement.py): each layer is loaded straight onto its compute device in
+its compute dtype (bf16 on a GPU, fp32 on the CPU), and the activations between layers wait where it says (on the
+device when they fit, else in pinned host memory, moved batch by batch in `run_layer`).
+
 The keyword arguments a decoder layer receives (attention masks, rotary embeddings, position ids) are taken
 from the model's own forward: every layer is swapped for a `_Catcher` that records them and passes the hidden
 states through. So each architecture's own masking rules (sliding windows, per-layer types) apply unchanged.
@@ -17,6 +21,7 @@ from torch import nn
 from ..errors import SECompressError
 from .adapters import adapter_for
 from .checkpoint import Checkpoint
+from .placement import Placement, current
 
 LAYERS_PREFIX = "model.layers."
 
@@ -82,12 +87,15 @@ def _set_tensor(module: nn.Module, name: str, value: torch.Tensor, as_buffer: bo
 
 
 class StreamedModel:
-    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None,
-                 experts_implementation: str | None = None):
+    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype | None = None, attn_implementation: str | None = None,
+                 experts_implementation: str | None = None, placement: Placement | None = None):
+        """`dtype` overrides the placement's compute dtype (None: the placement decides: bf16 on GPU, fp32 on CPU)."""
         from accelerate import init_empty_weights
         from transformers import AutoModelForCausalLM
 
-        self.ckpt, self.dtype = ckpt, dtype
+        self.placement = placement or current()
+        self.device = self.placement.device
+        self.ckpt, self.dtype = ckpt, dtype or self.placement.compute_dtype
         self.config = ckpt.config
         self.adapter = adapter_for(self.config)
         with init_empty_weights(include_buffers=False):
@@ -112,10 +120,12 @@ class StreamedModel:
                 if is_buffer and tensor_name not in sub._non_persistent_buffers_set and full not in self.ckpt:
                     continue  # a persistent buffer the checkpoint leaves at its init value
                 if is_buffer and tensor_name in sub._non_persistent_buffers_set:
-                    continue  # computed in __init__ (rotary frequencies): already real
+                    if tensor.device != self.device:  # computed in __init__ (rotary frequencies): real, maybe elsewhere
+                        sub._buffers[tensor_name] = tensor.to(self.device)
+                    continue
                 value = read_parameter(self.ckpt, self.adapter, self.config, full)
-                if value.is_floating_point() and not (is_buffer and tensor.dtype == torch.float32):
-                    value = value.to(self.dtype)
+                keep = not value.is_floating_point() or (is_buffer and tensor.dtype == torch.float32)
+                value = value.to(device=self.device, dtype=None if keep else self.dtype)
                 _set_tensor(sub, tensor_name, value, is_buffer)
 
     def load_layer(self, idx: int) -> nn.Module:
@@ -133,6 +143,7 @@ class StreamedModel:
     @torch.no_grad()
     def embed_and_layer_kwargs(self, input_ids: torch.Tensor):
         """Embedded inputs and, per layer, the keyword arguments the model's forward passes to it."""
+        input_ids = self.placement.to_compute(input_ids)
         originals = list(self.layers)
         catchers = [_Catcher(layer) for layer in originals]
         self.layers._modules.update({str(i): c for i, c in enumerate(catchers)})
@@ -147,19 +158,26 @@ class StreamedModel:
     def embed_batches(self, input_ids: torch.Tensor, batch_size: int):
         """Split [N, L] ids into batches; returns (batches, hidden per batch, layer kwargs per batch)."""
         batches = [input_ids[i : i + batch_size] for i in range(0, input_ids.shape[0], batch_size)]
+        self.plan_activations(input_ids.numel())
         hidden, layer_args = [], []
         for batch in batches:
             h, args = self.embed_and_layer_kwargs(batch)
-            hidden.append(h)
+            hidden.append(self.placement.hold(h))
             layer_args.append(args)
         return batches, hidden, layer_args
 
+    def plan_activations(self, tokens: int) -> bool:
+        """Whether the activations of `tokens` calibration tokens stay on the device (twice: a layer's in and out)."""
+        item = torch.empty((), dtype=self.dtype).element_size()
+        return self.placement.plan_activations(2 * tokens * self.config.hidden_size * item)
+
     @torch.no_grad()
     def run_layer(self, idx: int, hidden: torch.Tensor, layer_args) -> torch.Tensor:
+        """The layer's output for `hidden`, held where the placement keeps activations."""
         args, kwargs = layer_args
-        out = self.layers[idx](hidden, *args, **kwargs)
-        return out[0] if isinstance(out, tuple) else out
+        out = self.layers[idx](self.placement.to_compute(hidden), *args, **kwargs)
+        return self.placement.hold(out[0] if isinstance(out, tuple) else out)
 
     @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(self.model.model.norm(hidden))
+        return self.model.lm_head(self.model.model.norm(self.placement.to_compute(hidden)))

@@ -15,6 +15,7 @@ from ..errors import SECompressError
 from ..export.writer import check_output_path
 from ..models.adapters import adapter_for
 from ..models.checkpoint import Checkpoint, resolve_model
+from ..models.placement import host_placement
 from ..models.streaming import StreamedModel
 from .common import (REPORT_NAME, check_se_report, dump_report, expert_groups, expert_statistics, model_card,
                      super_experts_by_layer, target_count, write_edited_checkpoint)
@@ -115,7 +116,7 @@ def prune_model(model: str, out, *, fraction: float | None = None, keep: int | N
     ]
     card = model_card(model, f"{Path(out).name}: {model} with {keep} of {num_experts} experts", summary, command,
                       ["expert-pruning"])
-    sm = StreamedModel(ckpt)
+    sm = StreamedModel(ckpt, placement=host_placement())  # surgery only: weights are edited and written, never run
     edit = lambda i, layer: keep_experts(adapter, layer, kept_by_layer[i]) if i in kept_by_layer else None  # noqa: E731
     return write_edited_checkpoint(sm, ckpt, out, new_config, edit, {REPORT_NAME: dump_report(compression),
                                                                      "README.md": card}, force, progress)
@@ -198,7 +199,7 @@ def zero_experts_model(model: str, out, zero: str, *, se_report: dict | None = N
     command = f"se-compress prune {model} --out {out} --zero {zero}" + (f" --seed {seed}" if kind == "random" else "")
     card = model_card(model, f"{Path(out).name}: {model} with {len(targets)} experts zeroed", summary, command,
                       ["ablation"])
-    sm = StreamedModel(ckpt)
+    sm = StreamedModel(ckpt, placement=host_placement())  # surgery only: weights are edited and written, never run
     edit = lambda i, layer: zero_experts(adapter, layer, by_layer[i]) if i in by_layer else None  # noqa: E731
     return write_edited_checkpoint(sm, ckpt, out, copy.deepcopy(config), edit,
                                    {REPORT_NAME: dump_report(compression), "README.md": card}, force, progress)

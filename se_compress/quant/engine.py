@@ -23,9 +23,11 @@ from .. import distributed as dist
 from ..errors import SECompressError
 from ..models.adapters import adapter_for
 from ..models.checkpoint import Checkpoint, resolve_model
+from ..models.placement import current
 from ..models.streaming import LAYERS_PREFIX, StreamedModel
 from . import compressed_tensors as ct
-from .gptq import CholeskyFailed, gptq_quantize, prepare_hessian
+from .gptq import (CholeskyFailed, gptq_bytes_per_matrix, gptq_quantize, gptq_quantize_batched, prepare_hessian,
+                   prepare_hessians)
 from .hessian import ExpertCollector, HessianSum, expert_weights, linear_hooks, use_collector
 from .policies import KEEP_BITS, Plan, parse_policy, super_experts_from_report, super_weight_mask, trigger_mask
 from .report import build_model_card, summarize
@@ -35,7 +37,6 @@ METHODS = ("rtn", "gptq")
 FORMATS = ("pack-quantized", "fake-quant")
 BITS = (2, 3, 4, 8)
 EXPERT_CALIBRATION = ("all", "routed")
-EXPERT_CHUNK_ROWS = 1 << 15  # gate/up rows of several experts quantized in one GPTQ call (same Hessian)
 
 
 def _check_options(method, bits, group_size, output_format, layer_bits, expert_calibration, trigger_weight, samples,
@@ -162,7 +163,7 @@ class LayerQuantizer:
             self.packed[f"{name}."] = qt
 
     def _super_weights(self, down, expert):
-        mask = torch.zeros(down.shape, dtype=torch.bool)
+        mask = torch.zeros(down.shape, dtype=torch.bool, device=down.device)
         for channel in self.e.plan.channels(self.i, expert):
             found = super_weight_mask(down, channel)
             if not found.any():
@@ -174,10 +175,13 @@ class LayerQuantizer:
 
     # ----- routed experts -----
     def experts(self, experts, collector: ExpertCollector | None):
+        """Quantize every routed expert of the layer. GPTQ: all experts' gate/up as one batched problem and all
+        down_proj as another (gptq_quantize_batched), in chunks that fit the placement's work budget."""
         e, plan = self.e, self.e.plan
         inter = expert_weights(experts, 0)[1].shape[1]
         tw = e.trigger_weight
-        shared_prep, batch = None, []
+        shared_in = None  # the gate/up Hessian all non-calib experts share under all-expert calibration
+        gate_up_jobs, down_jobs = [], []
         split = dist.ExpertSplit(self, experts, inter)  # torchrun: this rank solves some experts, then all exchange
         for x in range(experts.num_experts):
             mine = split.begin(x)
@@ -193,63 +197,87 @@ class LayerQuantizer:
             noclip, calib = plan.noclip(self.i, x), plan.calib(self.i, x) and collector is not None
             track = self._super_weights(down, x) if mine and plan.is_se(self.i, x) else None
             exact_down = track if noclip else None
-            if not mine and (collector is None or e.expert_calibration != "all"):
-                continue  # only an expert's own solves, and the shared gate/up batch below, concern the others
+            if not mine and collector is None:
+                continue  # RTN: nothing to plan for another rank's expert
             if collector is None:  # RTN
                 self._store(x, "gate_up", self.quantize(f"{base}.gate_up_proj", gate_up, bits, noclip=noclip, expert=x), inter)
                 self._store(x, "down", self.quantize(f"{base}.down_proj", down, bits, exact=exact_down, noclip=noclip,
                                                      expert=x, track=track), inter)
                 continue
             tokens = collector.tokens(x)
-            few = e.expert_calibration == "routed" and tokens < e.min_tokens
-            reason = f"only {tokens} calibration tokens routed to it (< {e.min_tokens})" if few else None
-            H_in = collector.input_hessian(x).final(tw if calib else 0.0)
-            H_down = collector.down[x].final(tw if calib else 0.0)
-            if e.expert_calibration == "all" and not calib and not noclip and not few:
-                # every such expert shares the gate/up Hessian: quantize their stacked rows in one GPTQ call
-                if shared_prep is None:
-                    try:
-                        shared_prep = prepare_hessian(H_in, e.damp, e.act_order)
-                    except CholeskyFailed:
-                        shared_prep = False
-                if shared_prep is not False:
-                    batch.append((x, gate_up, bits, H_in, tokens))
-                elif mine:
-                    qt = self.quantize(f"{base}.gate_up_proj", gate_up, bits, H=H_in, tokens=tokens, expert=x,
-                                       fallback_reason="Hessian not positive definite")
-                    self._store(x, "gate_up", qt, inter)
-            elif mine:
-                qt = self.quantize(f"{base}.gate_up_proj", gate_up, bits, H=H_in, noclip=noclip, tokens=tokens,
-                                   expert=x, fallback_reason=reason)
-                self._store(x, "gate_up", qt, inter)
-            if mine:
-                qt = self.quantize(f"{base}.down_proj", down, bits, H=H_down, exact=exact_down, noclip=noclip,
-                                   tokens=tokens, expert=x, fallback_reason=reason, track=track)
-                self._store(x, "down", qt, inter)
-        self._batched_gate_up(batch, shared_prep, inter, split)
+            if e.expert_calibration == "routed" and tokens < e.min_tokens:
+                reason = f"only {tokens} calibration tokens routed to it (< {e.min_tokens})"
+                for which, W, ex, tr in (("gate_up", gate_up, None, None), ("down", down, exact_down, track)):
+                    if not mine:
+                        break
+                    qt = self.quantize(f"{base}.{which}_proj", W, bits, noclip=noclip, exact=ex, tokens=tokens,
+                                       expert=x, fallback_reason=reason, track=tr)
+                    self._store(x, which, qt, inter)
+                continue
+            shares = e.expert_calibration == "all" and not calib
+            if shares and shared_in is None:
+                shared_in = collector.input_hessian(x).final(0.0)
+            H_in = shared_in if shares else collector.input_hessian(x).final(tw if calib else 0.0)
+            clip = e.clip_search and not noclip
+            gate_up_jobs.append(dict(x=x, name=f"{base}.gate_up_proj", W=gate_up, bits=bits, H=H_in, shared=shares,
+                                     clip=clip, exact=None, track=None, tokens=tokens))
+            down_jobs.append(dict(x=x, name=f"{base}.down_proj", W=down, bits=bits,
+                                  H=collector.down[x].final(tw if calib else 0.0), shared=False, clip=clip,
+                                  exact=exact_down, track=track, tokens=tokens))
+        for which, jobs in (("gate_up", gate_up_jobs), ("down", down_jobs)):
+            split.solve(which, jobs)  # torchrun: this rank's experts only (all of them in one process)
         split.finish()
 
-    def _batched_gate_up(self, batch, prepared, inter, split):
+    def _solve_batched(self, which, jobs, inter):
+        """GPTQ of same-shaped expert matrices as batched problems: one per (bits, shared Hessian or not), chunked
+        by the placement's work budget. A Hessian that stays indefinite falls back to RTN for its expert alone."""
         e = self.e
-        by_bits = {}
-        for item in batch:
-            by_bits.setdefault(item[2], []).append(item)
-        for bits, items in by_bits.items():
-            rows = items[0][1].shape[0]
-            chunk = max(1, EXPERT_CHUNK_ROWS // rows)
+        by_kind = {}
+        for job in jobs:
+            by_kind.setdefault((job["bits"], job["shared"]), []).append(job)
+        for (bits, shared), items in by_kind.items():
+            rows, cols = items[0]["W"].shape
+            shared_prep = None
+            if shared:
+                try:
+                    shared_prep = prepare_hessian(items[0]["H"], e.damp, e.act_order)
+                except CholeskyFailed:
+                    shared_prep = False
+            chunk = current().chunk(len(items), gptq_bytes_per_matrix(rows, cols, own_hessian=not shared))
             for c in range(0, len(items), chunk):
-                if not split.begin_chunk(c // chunk):
-                    continue
                 part = items[c: c + chunk]
-                W = torch.cat([g.float() for _, g, _, _, _ in part])
-                qt = gptq_quantize(W, prepared, self.spec(bits), e.scale_dtype, clip=e.clip_search)
-                for k, (x, gate_up, _, H, tokens) in enumerate(part):
-                    sl = slice(k * rows, (k + 1) * rows)
-                    sub = Quantized(qt.q[sl], qt.scale[sl], qt.zero[sl] if qt.zero is not None else None, qt.spec)
-                    name = f"{LAYERS_PREFIX}{self.i}.{e.adapter.moe_attr}.experts.{x}.gate_up_proj"
-                    record = {"name": name, "layer": self.i, "bits": bits, "shape": list(gate_up.shape), "expert": x}
-                    self._finish(record, gate_up, sub, H, None, e.clip_search, "gptq", tokens)
-                    self._store(x, "gate_up", sub, inter)
+                if shared:
+                    prepared, ok = shared_prep, [shared_prep is not False] * len(part)
+                else:
+                    prepared = prepare_hessians(torch.stack([j["H"] for j in part]), e.damp, e.act_order)
+                    ok = prepared["ok"].tolist()
+                solve = [k for k, good in enumerate(ok) if good]
+                results = {}
+                if solve:
+                    if not shared and len(solve) < len(part):
+                        prepared = {key: (v[solve] if torch.is_tensor(v) else v) for key, v in prepared.items()}
+                    W = torch.stack([part[k]["W"] for k in solve])
+                    clip = torch.tensor([part[k]["clip"] for k in solve], device=W.device)
+                    has_exact = any(part[k]["exact"] is not None for k in solve)
+                    exact = torch.stack([part[k]["exact"] if part[k]["exact"] is not None
+                                         else torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
+                                         for k in solve]) if has_exact else None
+                    qts = gptq_quantize_batched(W, prepared, self.spec(bits), e.scale_dtype, clip=clip, exact=exact)
+                    del W
+                    results = dict(zip(solve, qts))
+                for k, job in enumerate(part):
+                    if k in results:
+                        record = {"name": job["name"], "layer": self.i, "bits": bits, "shape": list(job["W"].shape),
+                                  "expert": job["x"]}
+                        self._finish(record, job["W"], results[k], job["H"], job["exact"], job["clip"], "gptq",
+                                     job["tokens"], job["track"])
+                        qt = results[k]
+                    else:
+                        qt = self.quantize(job["name"], job["W"], bits, H=job["H"], exact=job["exact"],
+                                           noclip=not job["clip"] and e.clip_search, tokens=job["tokens"],
+                                           expert=job["x"], fallback_reason="Hessian not positive definite",
+                                           track=job["track"])
+                    self._store(job["x"], which, qt, inter)
 
     def _store(self, x, which, qt, inter):
         self.solved[(x, which)] = qt
@@ -291,7 +319,7 @@ class Engine:
 
         def run_all(collect=True):
             for b in range(len(hidden)):
-                trigger_ref["mask"] = batch_triggers[b].reshape(-1)
+                trigger_ref["mask"] = sm.placement.to_compute(batch_triggers[b].reshape(-1))
                 out = sm.run_layer(i, hidden[b], layer_args[b][i])
                 if not collect:
                     hidden[b] = out
@@ -488,7 +516,7 @@ def quantize_model(model: str, out, *, method: str = "gptq", bits: int = 4, grou
             raise SECompressError(f"{config.model_type} stores its experts fused on disk, and compressed-tensors has no "
                                   f"layout for them that transformers 5.23 loads: use --format fake-quant")
 
-    sm = StreamedModel(ckpt, dtype=torch.float32)
+    sm = StreamedModel(ckpt)  # device and dtype: the current placement (--device)
     templates = _disk_templates(ckpt, adapter, config)
     common = dict(method=method, bits=bits, group_size=group_size, symmetric=symmetric, clip_search=clip_search,
                   act_order=act_order, quantize_attention=quantize_attention, layer_bits=layer_bits, damp=damp,

@@ -18,32 +18,48 @@ import torch
 from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
+from ..models.placement import current
+
 IMPLEMENTATION = "se_compress_quant_collect"
 
 
 class HessianSum:
-    """Running sum x^T x over rows of x, and the same over the trigger rows when asked."""
+    """Running sum x^T x over rows of x, and the same over the trigger rows when asked.
+
+    Kept on the device the inputs come from, in the placement's stats dtype (fp32: GPTQ's reference precision;
+    the sums of a few hundred thousand tokens lose nothing that the 1% damping does not dwarf)."""
 
     def __init__(self, dim: int, track_triggers: bool = False):
-        self.H = torch.zeros(dim, dim, dtype=torch.float64)
+        self.dim, self.dtype = dim, current().stats_dtype
+        self.H = None  # created on the first inputs' device
         self.n = 0
-        self.Ht = torch.zeros(dim, dim, dtype=torch.float64) if track_triggers else None
+        self.track_triggers = track_triggers
+        self.Ht = None
         self.nt = 0
 
+    def _zeros(self, like: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(self.dim, self.dim, dtype=self.dtype, device=like.device)
+
     def add(self, x: torch.Tensor, trigger: torch.Tensor | None = None) -> None:
-        x = x.reshape(-1, x.shape[-1]).double()
-        self.H += x.T @ x
+        x = x.reshape(-1, x.shape[-1]).to(self.dtype)
+        if self.H is None:
+            self.H = self._zeros(x)
+        self.H.addmm_(x.T, x)
         self.n += x.shape[0]
-        if self.Ht is not None and trigger is not None and trigger.any():
-            self.add_triggers(x[trigger])
+        if self.track_triggers and trigger is not None and trigger.any():
+            self.add_triggers(x[trigger.to(x.device)])
 
     def add_triggers(self, xt: torch.Tensor) -> None:
-        xt = xt.double()
-        self.Ht += xt.T @ xt
+        xt = xt.to(self.dtype)
+        if self.Ht is None:
+            self.Ht = self._zeros(xt)
+        self.Ht.addmm_(xt.T, xt)
         self.nt += xt.shape[0]
 
     def final(self, trigger_weight: float = 0.0) -> torch.Tensor:
         """The Hessian GPTQ uses: the token mean, with the triggers' share of the trace set to trigger_weight."""
+        if self.H is None:  # no input at all: an all-zero Hessian (every column dead)
+            return torch.zeros(self.dim, self.dim, dtype=self.dtype, device=current().device)
         H = self.H / max(self.n, 1)
         if trigger_weight > 0 and self.Ht is not None and self.nt > 0:
             Ht = self.Ht / max(self.nt, 1)
@@ -92,7 +108,7 @@ class ExpertCollector:
         E = experts.num_experts
         gate_up, down = expert_weights(experts, 0)
         hidden, inter = gate_up.shape[1], down.shape[1]
-        self.count = torch.zeros(E, dtype=torch.long)  # tokens routed to each expert
+        self.count = torch.zeros(E, dtype=torch.long)  # tokens routed to each expert (host: small)
         if mode == "all":
             self.shared_in = HessianSum(hidden, track_triggers=bool(calib_experts))
             self.expert_in = {}
@@ -117,7 +133,7 @@ def collecting_experts_forward(self, hidden_states, top_k_index, top_k_weights):
         col.shared_in.add(hidden_states, trig)
     for e in range(self.num_experts):
         token_idx, k_pos = torch.where(top_k_index == e)
-        col.count[e] += token_idx.numel()
+        col.count[e] += int(token_idx.numel())
         calib = e in col.calib_experts
         if col.mode == "all":
             h_all = expert_intermediate(self, e, hidden_states)
@@ -128,7 +144,7 @@ def collecting_experts_forward(self, hidden_states, top_k_index, top_k_weights):
             col.expert_in[e].add(hidden_states[token_idx])
             col.down[e].add(h)
             if calib and trig is not None:  # trigger tokens, routed here or not
-                xt = hidden_states[trig]
+                xt = hidden_states[trig.to(hidden_states.device)]
                 col.expert_in[e].add_triggers(xt)
                 col.down[e].add_triggers(expert_intermediate(self, e, xt))
         if token_idx.numel():

@@ -73,7 +73,7 @@ def super_weight_mask(down: torch.Tensor, channel: int, k: int = 3, outlier: flo
     row = down[channel].float().abs()
     rms = down.float().pow(2).mean().sqrt().item()
     values, cols = row.topk(min(k, row.numel()))
-    mask = torch.zeros(down.shape, dtype=torch.bool)
+    mask = torch.zeros(down.shape, dtype=torch.bool, device=down.device)
     top = values[0].item()
     for v, c in zip(values.tolist(), cols.tolist()):
         if v >= 0.25 * top and v >= outlier * rms:
