@@ -9,15 +9,15 @@ decoder layer. Without torchrun (or with N = 1) nothing here does anything and t
   max |output| with its token and channel takes the largest value and, on a tie, the smallest global token index
   (what one process keeps: it only replaces a max by a strictly larger one, batch after batch); REAP/EAN sums are
   kept per batch and re-added in batch order; the hidden-state samples for the median are put back in batch order.
-- Hessians (quantize) are all-reduced in float64 (sum of x^T x and the token counts). The one-process sum adds the
-  batches one after another, the N-process sum adds per-rank partial sums: the float64 totals can differ in the
-  last bits (~1e-16 relative). GPTQ uses them rounded to float32, so the results are identical unless such an
-  entry sits on a float32 rounding boundary (tests check bit-equality on the tiny models).
-- Expert parallel: rank r solves the routed experts x with x % N == r, and the chunks of the shared-Hessian
-  gate/up batch with c % N == r (chunk boundaries are those of one process, so every GEMM has the same shape);
-  each rank then broadcasts its codes and scales, and every rank writes the same dequantized weights into its
-  copy of the layer, so the next layer's inputs do not depend on N. Rank 0 gathers the report records in the
-  one-process order and alone writes the checkpoint and reports.
+- Hessians (quantize) are all-reduced (sums of x^T x in the placement's stats dtype, fp32, and the token counts).
+  One process adds the batches one after another, N processes add per-rank partial sums: the fp32 totals differ
+  in the last bits (~1e-7 relative), so GPTQ, which rounds against them, can put a few codes one or two steps
+  the other way (measured: 0.3% of the codes of the tiny test models, bench/results/distributed.md on a real layer
+  shape). That is the one quantity that depends on N; detection statistics do not (bit-identical).
+- Expert parallel: rank r solves the routed experts x with x % N == r (LayerQuantizer._solve_batched on its share,
+  batched as in one process), then each rank broadcasts its codes and scales, and every rank writes the same
+  dequantized weights into its copy of the layer, so all ranks compute the same next-layer inputs. Rank 0 puts
+  the report records back in the one-process order and alone writes the checkpoint and the reports.
 - Failure: a collective that fails (a peer's process ended) or torchrun's SIGTERM becomes one line naming the
   rank that died (found by the process ids every rank registers in torchrun's store); the first rank to report
   prints it, the others stay silent. Outputs go through temporary folders, so nothing is left at the output name.
