@@ -410,7 +410,8 @@ def reduce_statistics(stats, sums: BatchSums) -> None:
 
 
 def reduce_hessians(sums, collector=None) -> None:
-    """Sum every rank's Hessians (float64) and token counts, in place: HessianSum objects and an ExpertCollector."""
+    """Sum every rank's Hessians (in their stats dtype) and token counts, in place: HessianSum objects and an
+    ExpertCollector. A rank whose batches never reached a matrix contributes zeros."""
     if not active():
         return
     sums = list(sums)
@@ -516,7 +517,6 @@ class ExpertSplit:
             return
         self._close()
         from .quant.hessian import expert_weights
-        from .quant.rtn import Quantized
 
         solved = self.lq.solved
         mine = sorted(solved)

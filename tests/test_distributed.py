@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO
 from se_compress import distributed
+from se_compress.cli import main as cli_main
 from se_compress.driver import compress
 from se_compress.quant import quantize_model
 from se_compress.quant.pack import unpack_int32
@@ -134,13 +135,15 @@ def test_a_killed_rank_ends_the_run_in_one_line_and_leaves_nothing(tiny_model, t
     assert (tmp_path / out / "compression_report.json").exists()
 
 
-def test_commands_that_run_in_one_process_are_refused_in_one_line(tiny_model, tmp_path):
-    run = _run(["-m", "se_compress", "--nproc", "2", "prune", str(tiny_model("qwen3_moe")), "--fraction", "0.5",
-                "--out", "out"], tmp_path)
-    assert run.returncode == 2
-    assert run.stderr.strip().splitlines() == ["error: 'prune' runs in one process: launch it without torchrun "
-                                               "(several processes: detect, quantize, compress)"]
-    assert not (tmp_path / "out").exists()
+def test_commands_that_run_in_one_process_are_refused_in_one_line(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("RANK", "0")  # what torchrun sets; refused before the process group is joined
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["prune", str(tmp_path), "--fraction", "0.5", "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: 'prune' runs in one process: launch it without torchrun (several processes: detect, quantize, compress)"]
+    assert not (tmp_path / "out").exists() and not distributed.active()
 
 
 def test_max_reduction_keeps_the_first_token_on_ties():
