@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 from .. import distributed as dist
 from ..models.adapters import adapter_for
 from ..models.checkpoint import Checkpoint
+from ..models.placement import current
 from ..models.streaming import StreamedModel
 from .stats import ExpertRecorder, HiddenRecorder, attach_recorders, detach_recorders
 
@@ -67,12 +68,14 @@ def collect_streamed(ckpt: Checkpoint, input_ids: torch.Tensor, batch_size: int 
 
 @torch.no_grad()
 def collect_in_memory(ckpt: Checkpoint, input_ids: torch.Tensor, batch_size: int = 8,
-                      dtype: torch.dtype = torch.float32) -> Statistics:
+                      dtype: torch.dtype | None = None) -> Statistics:
     """Reference path: the whole model loaded with plain from_pretrained (small models, tests)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=dtype, trust_remote_code=ckpt.trust_remote_code)
-    model.eval()
+    placement = current()
+    model = AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=dtype or placement.compute_dtype,
+                                                 trust_remote_code=ckpt.trust_remote_code)
+    model.to(placement.device).eval()
     config, adapter = model.config, adapter_for(model.config)
     seq_len = input_ids.shape[1]
     layers = model.model.layers
@@ -90,7 +93,7 @@ def collect_in_memory(ckpt: Checkpoint, input_ids: torch.Tensor, batch_size: int
     for start, batch in _batches(input_ids, batch_size):
         for rec in list(stats.experts.values()) + stats.hidden:
             rec.token_base = start * seq_len
-        model.model(input_ids=batch, use_cache=False)
+        model.model(input_ids=placement.to_compute(batch), use_cache=False)
     for i, layer in enumerate(layers):
         detach_recorders(adapter, layer, [])
     for h in all_handles:

@@ -24,7 +24,7 @@ import torch
 from ..errors import SECompressError
 
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
-CPU_WORK_BUDGET = 2 << 30     # bytes a batched solve may use on the CPU (no free-memory query is meaningful there)
+CPU_WORK_BUDGET = 1 << 30     # bytes a batched solve may use on the CPU (no free-memory query is meaningful there)
 DEVICE_WORK_SHARE = 0.6       # share of the free GPU memory a batched solve may use
 ACTIVATION_SHARE = 0.4        # share of the free GPU memory the calibration activations may take
 

@@ -563,9 +563,11 @@ def quantize_model(model: str, out, *, method: str = "gptq", bits: int = 4, grou
         if method == "gptq":
             ids = calibration.input_ids
             triggers = trigger_mask(ids, ses)
-            for b in dist.batch_starts(ids.shape[0], batch_size):  # torchrun: this rank's batches
+            starts = dist.batch_starts(ids.shape[0], batch_size)  # torchrun: this rank's batches
+            sm.plan_activations(sum(ids[b: b + batch_size].numel() for b in starts))
+            for b in starts:
                 h, args = sm.embed_and_layer_kwargs(ids[b: b + batch_size])
-                hidden.append(h)
+                hidden.append(sm.placement.hold(h))
                 layer_args.append(args)
                 batch_triggers.append(triggers[b: b + batch_size])
         for i in tqdm(range(len(sm.layers)), desc=f"quantize {method} w{bits}", disable=not progress):

@@ -134,7 +134,8 @@ def gptq_quantize_batched(W: torch.Tensor, prepared: dict, spec: QuantSpec, scal
             if perm is None and k % width == 0:
                 hi = min(k + width, cols)
                 # the group's weights as corrected so far (later blocks lag by their pending feedback, as in GPTQ)
-                block = torch.cat([W1[:, :, i:], Wp[:, :, b1:]], dim=2)[:, :, : hi - k]
+                here = W1[:, :, i: i + hi - k]
+                block = torch.cat([here, Wp[:, :, b1: b1 + hi - k - here.shape[2]]], dim=2)
                 if exact is not None:  # a super weight's scale comes from its original value
                     block = torch.where(exact[:, :, k:hi], W0[:, :, k:hi], block)
                 set_group(k // width, block, group_exact(k, hi))

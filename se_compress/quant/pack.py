@@ -27,7 +27,7 @@ def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
     # 32 elements fill exactly `bits` words: pad the row to whole runs of 32 (zero bits), fill run by run
     runs = -(-cols // 32)
     u = torch.nn.functional.pad(u, (0, runs * 32 - cols)).reshape(rows, runs, 32)
-    words = torch.zeros(rows, runs, bits + 1, dtype=torch.int64)  # one spare word for the straddling element
+    words = torch.zeros(rows, runs, bits + 1, dtype=torch.int64, device=codes.device)  # one spare word for the straddling element
     for k in range(32):
         word, offset = divmod(k * bits, 32)
         words[:, :, word] |= (u[:, :, k] << offset) & 0xFFFFFFFF
@@ -41,8 +41,8 @@ def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack_int32(words: torch.Tensor, bits: int, columns: int) -> torch.Tensor:
     """int32 words [R, W] -> int8 codes [R, columns]."""
     w = words.to(torch.int64) & 0xFFFFFFFF
-    w = torch.cat([w, torch.zeros(w.shape[0], 1, dtype=torch.int64)], dim=1)
-    start = torch.arange(columns, dtype=torch.int64) * bits
+    w = torch.cat([w, torch.zeros(w.shape[0], 1, dtype=torch.int64, device=w.device)], dim=1)
+    start = torch.arange(columns, dtype=torch.int64, device=w.device) * bits
     word, offset = start // 32, start % 32
     low = w[:, word] >> offset
     high = w[:, word + 1] << (32 - offset)  # bits that spilled into the next word
