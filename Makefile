@@ -3,6 +3,9 @@ PYTHON ?= python3
 MODEL ?= default
 OUT ?=
 CALIB ?= wikitext2
+NPROC ?=
+# NPROC=N: detect/quantize/compress in N processes (GPUs) through torchrun's launcher (README: several GPUs)
+SE_RUN = se-compress$(if $(NPROC), --nproc $(NPROC),)
 
 .PHONY: quickstart setup test detect ablate compress train-default bench-detect-memory
 
@@ -17,7 +20,7 @@ test:  ## the whole test suite (what .ci/run runs)
 	$(PYTHON) -m pytest -q
 
 detect:  ## find the Super Experts of MODEL
-	se-compress detect $(MODEL) --calib $(CALIB) $(if $(OUT),--out $(OUT),)
+	$(SE_RUN) detect $(MODEL) --calib $(CALIB) $(if $(OUT),--out $(OUT),)
 
 TEXT ?= wikitext2
 
@@ -30,8 +33,8 @@ train-default:  ## retrain the shipped default model with its recipe (--preset v
 
 RECIPE ?= qwen3-int4-se-protect
 
-compress:  ## run a recipe from recipes/ on MODEL (default: the shipped model) [RECIPE=... OUT=... FORCE=1]
-	se-compress compress --recipe $(RECIPE) --model $(MODEL) $(if $(OUT),--out $(OUT),) $(if $(FORCE),--force,)
+compress:  ## run a recipe from recipes/ on MODEL (default: the shipped model) [RECIPE=... OUT=... FORCE=1 NPROC=N]
+	$(SE_RUN) compress --recipe $(RECIPE) --model $(MODEL) $(if $(OUT),--out $(OUT),) $(if $(FORCE),--force,)
 
 # all: every shipped recipe except studies (paper-ablation: `make compress RECIPE=paper-ablation`).
 RECIPES ?= all
@@ -63,7 +66,7 @@ SE_POLICY ?= noclip,calib
 .PHONY: quantize bench-quant
 
 quantize:  ## RTN/GPTQ int BITS (g128) of MODEL with SE_POLICY; compressed-tensors output
-	se-compress quantize $(MODEL) --method $(METHOD) --bits $(BITS) --group-size 128 --se-policy $(SE_POLICY) --calib $(CALIB) $(if $(OUT),--out $(OUT),)
+	$(SE_RUN) quantize $(MODEL) --method $(METHOD) --bits $(BITS) --group-size 128 --se-policy $(SE_POLICY) --calib $(CALIB) $(if $(OUT),--out $(OUT),)
 
 bench-quant:  ## ppl/size/time: bf16, W4/W3/W2 RTN+GPTQ x SE policy, and GPTQModel 7.6.0 (own venv)
 	$(PYTHON) bench/quant.py --model $(MODEL)

@@ -5,9 +5,11 @@ printed as one line naming the problem and the fix, and the command exits with s
 """
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
+from . import distributed
 from .errors import SECompressError
 
 
@@ -59,6 +61,8 @@ def cmd_detect(args):
     from .detect.stability import run_stability
 
     criterion = _criterion(args)
+    if distributed.active() and (args.stability or args.in_memory):
+        raise SECompressError("--stability and --in-memory run in one process: launch them without torchrun")
     common = dict(samples=args.samples, seqlen=args.seqlen, criterion=criterion, batch_size=args.batch_size,
                   allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
     report = detect(args.model, calib=args.calib, seed=args.seed, streamed=not args.in_memory, **common)
@@ -110,7 +114,7 @@ def cmd_compress(args):
     from .driver import compress
 
     out = compress(args.recipe, model=args.model, out=args.out, force=args.force, evaluate=not args.no_eval,
-                   device=args.device)
+                   device=distributed.device_spec(args.device))
     print(f"checkpoint: {out}" + ("" if args.no_eval or not (out / "compare.md").exists() else
                                   f"\ncomparison: {out}/compare.md, {out}/compare.png"))
 
@@ -150,6 +154,8 @@ def cmd_quantize(args):
         layer_bits=args.layer_bits, se_report=se_report, calib=args.calib, samples=args.samples, seqlen=args.seqlen,
         seed=args.seed, force=args.force, batch_size=args.batch_size, expert_calibration=args.expert_calibration,
         allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+    if not distributed.is_main():
+        return  # torchrun: rank 0 wrote the checkpoint and reports it
     report = json.loads((result / "compression_report.json").read_text())
     load = report["loading"]
     print(f"{report['method']} int{report['bits']} ({report['output_format']}), SE policy {'+'.join(report['se_policy'])}: "
@@ -252,6 +258,9 @@ def cmd_push(args):
 def build_parser():
     parser = argparse.ArgumentParser(prog="se-compress", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nproc", type=int, default=None, metavar="N",
+                        help="run detect/quantize/compress in N processes (GPUs) through torchrun's launcher; the "
+                             "same as `torchrun --nproc-per-node N -m se_compress COMMAND ...`")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("detect", help="find the Super Experts of a model; writes se_report.json/.md and plots",
                        description="Run calibration text through the model one decoder layer at a time, measure every "
@@ -438,11 +447,22 @@ def main(argv=None):
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    if args.nproc is not None and not os.environ.get("RANK"):
+        rest = list(sys.argv[1:] if argv is None else argv)
+        at = next(i for i, a in enumerate(rest) if a.startswith("--nproc"))
+        del rest[at: at + (1 if "=" in rest[at] else 2)]
+        try:
+            return distributed.launch(args.nproc, rest)
+        except SECompressError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     try:
         from .models.placement import use_device
 
-        with use_device(getattr(args, "device", None)):  # one placement for the whole command (models/placement.py)
-            args.func(args)
+        device = getattr(args, "device", None)
+        with distributed.session(args.command, device):  # torchrun: join the group; a failed rank ends every rank
+            with use_device(distributed.device_spec(device)):  # one placement for the whole command (placement.py)
+                args.func(args)
     except SECompressError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

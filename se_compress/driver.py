@@ -11,6 +11,7 @@ import shutil
 import time
 from pathlib import Path
 
+from . import distributed as dist
 from .compare import CHECKPOINTS, default_output, evaluate_cached, evaluated_rows, fingerprint, model_label
 from .compare import markdown, refuse_foreign, table_row, write_table
 from .detect import detect, write_report
@@ -27,7 +28,7 @@ def se_report_for(model: str, recipe: Recipe, progress: bool = True) -> dict:
     path = resolve_model(model)
     key = hashlib.sha1(json.dumps([fingerprint(path), d.model_dump()], sort_keys=True).encode()).hexdigest()[:12]
     cache = CHECKPOINTS / ".se-reports" / f"{model_label(model)}-{key}" / "se_report.json"
-    if cache.exists():
+    if dist.agree(cache.exists()):  # torchrun: rank 0 decides for all (every rank must run detection, or none)
         return json.loads(cache.read_text())
     report = detect(model, calib=d.calib, samples=d.samples, seqlen=d.seqlen, seed=d.seed,
                     criterion=Criterion(d.quantile, d.max_fraction, d.layers), progress=progress)
@@ -121,9 +122,14 @@ def _compress(recipe, model, out, force, progress, evaluate) -> Path:
             from .eval.perplexity import eval_text
 
             eval_text(stage.options.text)  # a bad text fails now, not after the detection pass
+    if dist.active() and any(stage.kind != "quantize" for stage in recipe.stages):
+        kinds = ", ".join(sorted({s.kind for s in recipe.stages if s.kind != "quantize"}))
+        raise SECompressError(f"recipe '{recipe.name}' has {kinds} stages, which run in one process: launch it "
+                              f"without torchrun (several processes run detection and quantize stages)")
     work = out.parent / f".{out.name}.work"
-    shutil.rmtree(work, ignore_errors=True)  # leftovers of a killed run
-    work.mkdir(parents=True)
+    if dist.is_main():  # torchrun: rank 0 alone writes; the others only compute
+        shutil.rmtree(work, ignore_errors=True)  # leftovers of a killed run
+        work.mkdir(parents=True)
     start = time.time()
     try:
         se_report = se_report_for(model, recipe, progress)
@@ -139,6 +145,12 @@ def _compress(recipe, model, out, force, progress, evaluate) -> Path:
             if progress:
                 print(f"[{recipe.name}] stage {i + 1}/{len(recipe.stages)}: {stage.kind} {stage.options.model_dump(exclude_none=True)}", flush=True)
             current = run_stage(stage, current, stage_out, se_report, recipe, progress)
+        if not dist.is_main():
+            return out
+        if dist.active():
+            dist.shutdown()  # torchrun: the other ranks are done; evaluation (and any naive twin) runs here alone
+            if progress:
+                print("evaluation and writing: rank 0 alone", flush=True)
         final.mkdir(exist_ok=True)
         write_report(se_report, final)
         (final / "recipe.json").write_text(json.dumps({"recipe": recipe.model_dump(), "model": model,
@@ -153,5 +165,6 @@ def _compress(recipe, model, out, force, progress, evaluate) -> Path:
             shutil.rmtree(out)
         final.rename(out)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if dist.is_main():
+            shutil.rmtree(work, ignore_errors=True)
     return out

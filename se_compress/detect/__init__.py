@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import distributed as dist
 from ..data.calibration import build_calibration
 from ..errors import SECompressError
 from ..models.adapters import adapter_for
@@ -111,6 +112,8 @@ def detect(model: str, calib: str = "wikitext2", samples: int = 64, seqlen: int 
            trust_remote_code: bool = False, progress: bool = True, stats_out: list | None = None,
            layer_hook=None) -> dict:
     criterion = criterion or Criterion()
+    if not streamed and dist.active():
+        raise SECompressError("in-memory detection runs in one process: launch it without torchrun")
     path = resolve_model(model, allow_pickle=allow_pickle)
     ckpt = Checkpoint(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     adapter_for(ckpt.config)  # unknown architecture: fail before any work
@@ -132,6 +135,8 @@ def write_report(report: dict, out: Path, plots: bool = True) -> Path:
     from .report import write_json, write_markdown, write_plots
 
     out = Path(out)
+    if not dist.is_main():
+        return out  # torchrun: rank 0 writes
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".se_report-", dir=out.parent))
     try:

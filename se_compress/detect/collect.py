@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed as dist
 from ..models.adapters import adapter_for
 from ..models.checkpoint import Checkpoint
 from ..models.placement import current
@@ -37,8 +38,10 @@ def collect_streamed(ckpt: Checkpoint, input_ids: torch.Tensor, batch_size: int 
     sm = StreamedModel(ckpt, dtype=dtype)
     config, adapter = sm.config, sm.adapter
     seq_len = input_ids.shape[1]
-    batches, hidden, layer_args = sm.embed_batches(input_ids, batch_size)
-    bases = [b * batch_size * seq_len for b in range(len(batches))]  # global index of each batch's first token
+    own_ids, batch_ids = dist.my_input_ids(input_ids, batch_size)  # torchrun: this rank's batches only
+    batches, hidden, layer_args = sm.embed_batches(own_ids, batch_size)
+    bases = [b * batch_size * seq_len for b in batch_ids]  # global index of each batch's first token
+    batch_sums = dist.BatchSums()
     stats = Statistics({}, [], len(sm.layers), adapter.num_experts(config), seq_len)
     for i in tqdm(range(len(sm.layers)), desc="layers", disable=not progress):
         layer = sm.load_layer(i)
@@ -50,13 +53,16 @@ def collect_streamed(ckpt: Checkpoint, input_ids: torch.Tensor, batch_size: int 
             if recorder is not None:
                 recorder.token_base = bases[b]
             hidden_rec.token_base = bases[b]
-            hidden[b] = sm.run_layer(i, hidden[b], layer_args[b][i])
+            with batch_sums.batch(i, recorder, batch_ids[b]):
+                hidden[b] = sm.run_layer(i, hidden[b], layer_args[b][i])
             hidden_rec.update(hidden[b])
+        hidden_rec.batch_ids = batch_ids
         detach_recorders(adapter, layer, handles)
         sm.free_layer(i)
         if recorder is not None:
             stats.experts[i] = recorder
         stats.hidden.append(hidden_rec)
+    dist.reduce_statistics(stats, batch_sums)
     return stats
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed as dist
 from ..errors import SECompressError
 from ..models.adapters import adapter_for
 from ..models.checkpoint import Checkpoint, resolve_model
@@ -87,6 +88,7 @@ class LayerQuantizer:
     def __init__(self, engine, layer_idx, layer):
         self.e, self.i, self.layer = engine, layer_idx, layer
         self.packed: dict[str, Quantized] = {}  # disk-name prefix -> codes (pack-quantized output)
+        self.solved: dict[tuple[int, str], Quantized] = {}  # (expert, gate_up|down) -> codes, for the exchange
 
     def spec(self, bits):
         return QuantSpec(bits, self.e.group_size, self.e.symmetric)
@@ -179,18 +181,23 @@ class LayerQuantizer:
         tw = e.trigger_weight
         shared_in = None  # the gate/up Hessian all non-calib experts share under all-expert calibration
         gate_up_jobs, down_jobs = [], []
+        split = dist.ExpertSplit(self, experts, inter)  # torchrun: this rank solves some experts, then all exchange
         for x in range(experts.num_experts):
+            mine = split.begin(x)
             bits = plan.expert_bits(self.i, x)
             base = f"{LAYERS_PREFIX}{self.i}.{e.adapter.moe_attr}.experts.{x}"
             if bits == KEEP_BITS:
                 params = sum(w.numel() for w in expert_weights(experts, x))
-                e.modules.append({"name": base, "layer": self.i, "expert": x, "bits": KEEP_BITS, "kept": True,
-                                  "params": params})
+                if mine:
+                    e.modules.append({"name": base, "layer": self.i, "expert": x, "bits": KEEP_BITS, "kept": True,
+                                      "params": params})
                 continue
             gate_up, down = expert_weights(experts, x)
             noclip, calib = plan.noclip(self.i, x), plan.calib(self.i, x) and collector is not None
-            track = self._super_weights(down, x) if plan.is_se(self.i, x) else None
+            track = self._super_weights(down, x) if mine and plan.is_se(self.i, x) else None
             exact_down = track if noclip else None
+            if not mine and collector is None:
+                continue  # RTN: nothing to plan for another rank's expert
             if collector is None:  # RTN
                 self._store(x, "gate_up", self.quantize(f"{base}.gate_up_proj", gate_up, bits, noclip=noclip, expert=x), inter)
                 self._store(x, "down", self.quantize(f"{base}.down_proj", down, bits, exact=exact_down, noclip=noclip,
@@ -200,6 +207,8 @@ class LayerQuantizer:
             if e.expert_calibration == "routed" and tokens < e.min_tokens:
                 reason = f"only {tokens} calibration tokens routed to it (< {e.min_tokens})"
                 for which, W, ex, tr in (("gate_up", gate_up, None, None), ("down", down, exact_down, track)):
+                    if not mine:
+                        break
                     qt = self.quantize(f"{base}.{which}_proj", W, bits, noclip=noclip, exact=ex, tokens=tokens,
                                        expert=x, fallback_reason=reason, track=tr)
                     self._store(x, which, qt, inter)
@@ -215,7 +224,8 @@ class LayerQuantizer:
                                   H=collector.down[x].final(tw if calib else 0.0), shared=False, clip=clip,
                                   exact=exact_down, track=track, tokens=tokens))
         for which, jobs in (("gate_up", gate_up_jobs), ("down", down_jobs)):
-            self._solve_batched(which, jobs, inter)
+            split.solve(which, jobs)  # torchrun: this rank's experts only (all of them in one process)
+        split.finish()
 
     def _solve_batched(self, which, jobs, inter):
         """GPTQ of same-shaped expert matrices as batched problems: one per (bits, shared Hessian or not), chunked
@@ -269,6 +279,7 @@ class LayerQuantizer:
                     self._store(job["x"], which, qt, inter)
 
     def _store(self, x, which, qt, inter):
+        self.solved[(x, which)] = qt
         if self.e.templates is None:
             return
         gate_t, up_t, down_t = self.e.templates
@@ -320,6 +331,7 @@ class Engine:
             finally:
                 for h in handles:
                     h.remove()
+            dist.reduce_hessians(sums.values())
             lq.linears(attention, sums, self.trigger_weight_for)
         track = lambda kind: kind == "shared" and self.plan.calib(i, "shared")
         sums = {k: HessianSum(m.in_features, track(kind)) for k, (m, kind) in mlp_linears.items()}
@@ -336,6 +348,7 @@ class Engine:
         finally:
             for h in handles:
                 h.remove()
+        dist.reduce_hessians(sums.values(), collector)
         lq.linears(mlp_linears, sums, self.trigger_weight_for)
         if experts is not None:
             lq.experts(experts, collector)
@@ -540,7 +553,8 @@ def quantize_model(model: str, out, *, method: str = "gptq", bits: int = 4, grou
 
     engine = Engine(plan=plan, **common)
     engine.notes += notes
-    with CheckpointWriter(ckpt, Path(out), new_config, force=force) as writer:
+    writer_class = CheckpointWriter if dist.is_main() else dist.NullWriter  # torchrun: rank 0 writes
+    with writer_class(ckpt, Path(out), new_config, force=force) as writer:
         engine.scale_dtype = writer.dtype
         if output_format == "pack-quantized":
             new_config.quantization_config = _pack_layout(engine, sm)
@@ -549,8 +563,9 @@ def quantize_model(model: str, out, *, method: str = "gptq", bits: int = 4, grou
         if method == "gptq":
             ids = calibration.input_ids
             triggers = trigger_mask(ids, ses)
-            sm.plan_activations(ids.numel())
-            for b in range(0, ids.shape[0], batch_size):
+            starts = dist.batch_starts(ids.shape[0], batch_size)  # torchrun: this rank's batches
+            sm.plan_activations(sum(ids[b: b + batch_size].numel() for b in starts))
+            for b in starts:
                 h, args = sm.embed_and_layer_kwargs(ids[b: b + batch_size])
                 hidden.append(sm.placement.hold(h))
                 layer_args.append(args)
@@ -559,6 +574,8 @@ def quantize_model(model: str, out, *, method: str = "gptq", bits: int = 4, grou
             layer, lq = engine.run_layer(sm, i, hidden, layer_args, batch_triggers)
             engine.write_layer(writer, i, layer, lq)
             sm.free_layer(i)
+        if not dist.is_main():
+            return Path(out)
         report = summarize(engine, model=model, source=path, requested_format=requested_format,
                            calibration=calibration.describe() if calibration else None, se_report=se_report,
                            seconds=time.time() - start)
