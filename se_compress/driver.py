@@ -3,7 +3,8 @@ atomically, then evaluation beside the base model and the naive twin(s) (compare
 
 Kill-safety: every stage, and the evaluation of the result, writes into a hidden work folder next to the output
 (`.<out>.work/`), and only the finished, evaluated result is renamed to the output name. A re-run after a kill
-starts clean; an existing output is refused unless --force; the input model is never written to.
+starts clean; an existing output is replaced only with --force and only when se_compress wrote it
+(se_compress/output.py); the input model is never written to.
 """
 import hashlib
 import json
@@ -18,6 +19,7 @@ from .detect.rule import Criterion
 from .errors import SECompressError
 from .export.writer import check_output_path
 from .models.checkpoint import resolve_model
+from .output import replace_folder
 from .recipe import Recipe, load_recipe
 
 
@@ -136,9 +138,7 @@ def compress(recipe_name: str, model: str | None = None, out: str | None = None,
             write_table(table, final)
             if progress:
                 print("\n" + markdown(table), flush=True)
-        if out.exists():  # only with --force (checked above)
-            shutil.rmtree(out)
-        final.rename(out)
+        replace_folder(final, out)  # an existing output (ours, --force: checked above) goes only now
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out
