@@ -461,6 +461,8 @@ def main(argv=None):
         print(f"error: could not read or write{where}: {exc.strerror or exc}; nothing that looks complete was left",
               file=sys.stderr)
         return 2
+    except SystemExit as exc:  # the trainer's own argparse (train-default -- --help)
+        return exc.code if isinstance(exc.code, int) else 2
     except KeyboardInterrupt:
         print("error: interrupted; nothing was left half-written (outputs go through a temporary folder)", file=sys.stderr)
         return 130

@@ -20,6 +20,7 @@ from .errors import SECompressError
 from .export.writer import check_output_path
 from .models.checkpoint import resolve_model
 from .output import replace_folder
+from .validate import check_model
 from .recipe import Recipe, load_recipe
 
 
@@ -105,7 +106,7 @@ def compress(recipe_name: str, model: str | None = None, out: str | None = None,
     is evaluated beside the base model and the recipe's baselines, and compare.md/.json/.png are written into it."""
     recipe = load_recipe(recipe_name)
     model = model or recipe.model or "default"
-    src = resolve_model(model)
+    src, _ = check_model(model)  # config.json, architecture, whole weights: before any work
     out = Path(out) if out else default_output(model, recipe)
     check_output_path(src, out, force)
     if evaluate and recipe.evaluate.tasks:

@@ -124,10 +124,10 @@ class CheckpointWriter:
             return write()
         except (OSError, SafetensorError) as exc:  # safetensors reports a failed write as its own error type
             self.abort()
-            if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or "os error 28" in str(exc):
+            if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "(os error 28)" in str(exc):
                 raise SECompressError(f"out of disk space writing {self.out}: free space or choose another --out; "
                                       f"nothing was written") from None
-            reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+            reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0].split("I/O error: ")[-1]
             raise SECompressError(f"could not write {self.out}: {reason}; nothing was written") from None
 
     def finish(self, extra_files: dict[str, str] | None = None) -> Path:
