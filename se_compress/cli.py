@@ -464,7 +464,8 @@ def main(argv=None):
     except SystemExit as exc:  # the trainer's own argparse (train-default -- --help)
         return exc.code if isinstance(exc.code, int) else 2
     except KeyboardInterrupt:
-        print("error: interrupted; nothing was left half-written (outputs go through a temporary folder)", file=sys.stderr)
+        # a progress bar is usually mid-line when Ctrl-C comes: the error starts a line of its own
+        print("\nerror: interrupted; nothing was left half-written (outputs go through a temporary folder)", file=sys.stderr)
         return 130
     return 0
 

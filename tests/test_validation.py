@@ -315,3 +315,29 @@ def test_train_default_help_after_the_separator(capsys):
     code, out, err = cli(capsys, "train-default", "--", "--help")
     assert code == 0, err
     assert "--data" in out and "error" not in err
+
+
+def test_interrupt_while_writing_leaves_nothing_that_looks_complete(tmp_path):
+    """Ctrl-C in the middle of quantizing the shipped model: one line, exit 130, no output folder and no hidden
+    partial one."""
+    import signal
+
+    se_report = Path(__file__).resolve().parent.parent / "se_compress/default_model/weights/se_report.json"
+    out = tmp_path / "area" / "w4"
+    proc = subprocess.Popen([sys.executable, "-m", "se_compress", "quantize", "default", "--method", "rtn",
+                             "--se-report", str(se_report), "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    seen = ""
+    while "quantize rtn" not in seen:  # the layer loop has started: the checkpoint is being written
+        char = proc.stderr.read(1)
+        if not char:
+            break
+        seen += char
+    assert "quantize rtn" in seen, seen
+    proc.send_signal(signal.SIGINT)
+    _, rest = proc.communicate(timeout=120)
+    err = seen + rest
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 130 and len(lines) == 1 and "Traceback" not in err, err
+    assert "interrupted" in lines[0]
+    assert list((tmp_path / "area").iterdir()) == []
