@@ -2,8 +2,8 @@
 
 - An output folder is *ours* when it holds one of the reports se_compress writes next to everything it makes
   (OWN_MARKERS: compression_report.json in every checkpoint, se_report.json, eval.json, ...), and that file reads
-  as ours. Only such a folder may be replaced (`--force`) or have its reports rewritten. Any other existing
-  folder (not empty) or file is refused, whatever the flags: an empty folder holds nothing to lose.
+  as ours. Only such a folder (or an empty one: nothing to lose) may be replaced (`--force`) or have its reports
+  rewritten. Any other existing folder or file is refused, whatever the flags.
 - The output location is probed before any model work: a file is created and removed where the output will be
   created, so a read-only or missing location fails in seconds, not after a 40 s detection pass.
 - Replacement is atomic: the new output is written complete in a hidden folder next to it; the old one is
@@ -125,7 +125,7 @@ def check_output(out, *, inputs=(), force: bool = False, kind: str = "checkpoint
             raise SECompressError(f"output {out} is an existing folder that se_compress did not write (no "
                                   f"compression_report.json, se_report.json or eval.json in it): se_compress never "
                                   f"replaces it, even with --force; choose another --out or move it away")
-        if kind == "checkpoint" and any(out.iterdir()) and not force:
+        if kind == "checkpoint" and not force:
             raise SECompressError(f"output {out} already exists: choose another --out or pass --force to replace it")
         probe_writable(out if kind == "report" else _nearest_existing(out.parent), out)
     else:

@@ -13,6 +13,7 @@ where it happens and still ends in one line with nothing that looks complete (ex
 """
 import argparse
 import json
+import re
 import struct
 import zipfile
 from pathlib import Path
@@ -63,14 +64,14 @@ def open_fraction(text: str) -> float:
     """Strictly between 0 and 1 (a share of experts removed, a quantile)."""
     value = _number(float, text)
     if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, both excluded (got {text})")
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), both ends excluded (got {text})")
     return value
 
 
 def fraction_up_to_one(text: str) -> float:
     value = _number(float, text)
     if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be above 0 and at most 1 (got {text})")
+        raise argparse.ArgumentTypeError(f"must be in (0, 1] (got {text})")
     return value
 
 
@@ -87,6 +88,7 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse prints the usage block and then the error; se_compress prints one line (and where to get help)."""
 
     def error(self, message):
+        message = re.sub(r"^argument ([^:]+): ", r"\1 ", message)  # "--samples must be ..." reads as one sentence
         self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
