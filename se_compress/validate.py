@@ -275,8 +275,12 @@ def check_args(args) -> None:
     path = config = None
     if getattr(args, "model", None) is not None and getattr(args, "checks_model", False):
         path, config = check_model(args.model, getattr(args, "allow_pickle", False))
-    if getattr(args, "checkpoint", None) is not None:  # push: a folder it writes README.md into
-        path, config = check_model(args.checkpoint)
+    if getattr(args, "checkpoint", None) is not None:  # push: a local folder it writes README.md into
+        from .publish import _check_folder
+
+        path = _check_folder(args.checkpoint)
+        config = read_config(path)
+        check_weights(path, config, allow_pickle=False)
         probe_writable(path, path)
     if getattr(args, "calib", None):
         check_calibration(args.calib, getattr(args, "seqlen", None))
