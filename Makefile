@@ -19,12 +19,14 @@ test:  ## the whole test suite (what .ci/run runs)
 detect:  ## find the Super Experts of MODEL
 	se-compress detect $(MODEL) --calib $(CALIB) $(if $(OUT),--out $(OUT),)
 
-ablate:  ## the paper's study: zero the SEs vs as many random experts
-	se-compress ablate $(MODEL) $(if $(OUT),--out $(OUT),)
+TEXT ?= wikitext2
 
-train-default:  ## retrain the shipped default model (its settings and thread count; about 110 minutes)
-	$(PYTHON) -m se_compress.default_model.train --data ../shared/data/train-text \
-		--val se_compress/data/text/wikitext2-valid.txt --out build/train-se --plant se --steps 2600 --stop-at 2222 --threads 1
+ablate:  ## the paper's study: zero the SEs vs as many random experts [TEXT=wikitext2|books|FILE]
+	se-compress ablate $(MODEL) --text $(TEXT) $(if $(OUT),--out $(OUT),)
+
+train-default:  ## retrain the shipped default model with its recipe (--preset v2; GPU: ~200 s on an H200; CPU: see README)
+	$(PYTHON) -m se_compress.default_model.train --preset v2 --data ../shared/data/train-text \
+		--val se_compress/data/text/wikitext2-valid.txt --out build/train-v2 $(if $(DEVICE),--device $(DEVICE),)
 
 RECIPE ?= qwen3-int4-se-protect
 

@@ -1,4 +1,4 @@
-"""WikiText-2 perplexity after removing 25% and 50% of the routed experts: pruning with each criterion x SE
+"""Perplexity (--text, default the held-out books) after removing 25% and 50% of the routed experts: pruning with each criterion x SE
 policy, and merging to the same counts (SE policy x router-row choice).
 
 One detection pass gives the SE set and the per-expert statistics (real routing) that every pruning run reuses;
@@ -34,6 +34,8 @@ MERGE_VARIANTS = [("singleton", "default"), ("none", "default"), ("singleton", "
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default")
+    p.add_argument("--text", default="books", help="perplexity text: books (the default model's held-out books, in "
+                                                    "domain), wikitext2 or a text file")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5])
     p.add_argument("--calib", default="wikitext2")
@@ -50,7 +52,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     from se_compress.detect import detect, load_tokenizer
-    from se_compress.eval.perplexity import default_seqlen, eval_windows, perplexity_streamed, wikitext2_test_text
+    from se_compress.eval.perplexity import default_seqlen, eval_text, perplexity_streamed, text_windows
     from se_compress.merge import merge_model
     from se_compress.models.adapters import adapter_for
     from se_compress.models.checkpoint import Checkpoint, resolve_model
@@ -68,7 +70,8 @@ def main(argv=None):
     ses = [(s["layer"], s["expert"]) for s in report["super_experts"]]
     print(f"Super Experts: {ses}", flush=True)
     eval_seqlen = args.eval_seqlen or default_seqlen(config)
-    windows = eval_windows(tokenizer, wikitext2_test_text(), eval_seqlen, args.max_windows or None)
+    text = eval_text(args.text)
+    windows = text_windows(tokenizer, text, eval_seqlen, args.max_windows or None)
 
     def ppl(folder):
         # batched_mm runs the same expert maths as the eager loop (same ppl to 1e-7 here), about 1.6x faster on CPU
@@ -126,7 +129,7 @@ def main(argv=None):
     command = "python bench/prune_merge.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     result = {"model": args.model, "architecture": config.model_type, "num_experts": num_experts,
               "num_experts_per_tok": config.num_experts_per_tok, "super_experts": ses,
-              "calibration": report["calibration"], "eval": {"text": "WikiText-2 raw test", "windows": int(windows.shape[0]),
+              "calibration": report["calibration"], "eval": {"text": text.key, "text_label": text.label, "windows": int(windows.shape[0]),
                                                               "seqlen": eval_seqlen},
               "base": base, "rows": rows, "command": command.strip(), "seconds": round(time.time() - start)}
     out_dir = Path(args.out)
@@ -142,7 +145,7 @@ def markdown(result: dict) -> str:
     lines = [
         f"# Pruning and merging experts of `{result['model']}` ({result['architecture']}, {result['num_experts']} "
         f"experts per MoE layer, top-{result['num_experts_per_tok']})", "",
-        f"WikiText-2 test perplexity, {result['eval']['windows']} windows of {result['eval']['seqlen']} tokens (GPTQ "
+        f"Perplexity on {result['eval'].get('text_label', 'WikiText-2 test')}, {result['eval']['windows']} windows of {result['eval']['seqlen']} tokens (GPTQ "
         f"convention). Statistics and SEs from one detection pass on {result['calibration']['samples']} x "
         f"{result['calibration']['seqlen']} tokens of {result['calibration']['source']}. Super Experts: "
         f"{', '.join(f'({l},{e})' for l, e in result['super_experts']) or 'none'}.", "",
@@ -197,7 +200,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_yscale("log")
     ax.set_xticks([i + width * (len(fractions) - 1) / 2 for i in range(len(labels))])
     ax.set_xticklabels(labels, rotation=35, ha="right", fontsize=8)
-    ax.set_ylabel("WikiText-2 perplexity (log)")
+    ax.set_ylabel(f"{result['eval'].get('text', 'wikitext2')} perplexity (log)")
     ax.set_title(f"Expert pruning / merging of {result['model']}: SE-aware vs naive (hatched red: a Super Expert lost)")
     ax.legend(fontsize=8)
     fig.tight_layout()

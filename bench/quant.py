@@ -1,4 +1,4 @@
-"""Quantization benchmark: WikiText-2 perplexity, size on disk and time for bf16 and W4/W3/W2 (g128) with RTN and
+"""Quantization benchmark: perplexity (--text, default the held-out books), size on disk and time for bf16 and W4/W3/W2 (g128) with RTN and
 GPTQ under each SE policy (none, noclip, calib, layer, keep), and GPTQModel 7.6.0 side by side on the same model,
 calibration tokens and perplexity windows. Writes bench/results/quant.json, quant.md and quant.png.
 
@@ -36,7 +36,9 @@ def parse_args(argv=None):
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--samples", type=int, default=64, help="calibration sequences (GPTQ, detection, GPTQModel)")
     ap.add_argument("--seqlen", type=int, default=256, help="calibration sequence length")
-    ap.add_argument("--eval-windows", type=int, default=256, help="WikiText-2 test windows (0: all)")
+    ap.add_argument("--eval-windows", type=int, default=256, help="perplexity windows (0: all)")
+    ap.add_argument("--text", default="books", help="perplexity text: books (the default model's held-out books, "
+                                                     "in domain), wikitext2 or a text file")
     ap.add_argument("--out", default=str(RESULTS), help="results folder")
     ap.add_argument("--work", default=str(REPO / "build" / "bench-quant"), help="scratch folder for checkpoints")
     ap.add_argument("--skip-gptqmodel", action="store_true")
@@ -98,7 +100,7 @@ def main(argv=None):
     args = parse_args(argv)
     from se_compress.data.calibration import build_calibration
     from se_compress.detect import detect, load_tokenizer
-    from se_compress.eval.perplexity import default_seqlen, eval_windows, perplexity_streamed, wikitext2_test_text
+    from se_compress.eval.perplexity import default_seqlen, eval_text, perplexity_streamed, text_windows
     from se_compress.models.checkpoint import Checkpoint, resolve_model
     from se_compress.quant import quantize_model
     from se_compress.quant.compressed_tensors import PackedCheckpoint
@@ -114,7 +116,8 @@ def main(argv=None):
     ckpt = Checkpoint(path)
     tokenizer = load_tokenizer(path)
     seqlen = default_seqlen(ckpt.config)
-    windows = eval_windows(tokenizer, wikitext2_test_text(), seqlen, args.eval_windows or None)
+    text = eval_text(args.text)
+    windows = text_windows(tokenizer, text, seqlen, args.eval_windows or None)
     calibration = build_calibration(tokenizer, "wikitext2", args.samples, args.seqlen, 0)
     tmp = out_dir / "quant.json.tmp"
     results = None
@@ -132,7 +135,7 @@ def main(argv=None):
                    "model": args.model, "model_path": str(path), "architecture": ckpt.config.model_type,
                    "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                                "torch": torch.__version__},
-                   "eval": {"text": "WikiText-2 raw test, GPTQ convention", "seqlen": seqlen,
+                   "eval": {"text": text.key, "text_label": text.label, "seqlen": seqlen,
                             "windows": int(windows.shape[0]), "tokens": int(windows.shape[0] * (seqlen - 1))},
                    "calibration": calibration.describe(), "group_size": args.group_size, "rows": []}
     done = {(r["method"], r["bits"], r["policy"]) for r in results["rows"] if r.get("ok", True)}
@@ -216,7 +219,7 @@ def write_outputs(results: dict, out_dir: Path) -> None:
     ev = results["eval"]
     lines = [f"# Quantization: {results['model']} ({results['architecture']})", "",
              f"Command: `{results['command']}`" + "".join(f", then `{c}`" for c in results.get("reruns", [])), "",
-             f"WikiText-2 perplexity (raw test, GPTQ convention, {ev['windows']} windows of {ev['seqlen']} tokens). "
+             f"Perplexity on {ev.get('text_label', 'WikiText-2 raw test')} (GPTQ convention, {ev['windows']} windows of {ev['seqlen']} tokens). "
              f"Calibration: {results['calibration']['samples']} x {results['calibration']['seqlen']} tokens of the "
              f"shipped WikiText-2 valid split, seed {results['calibration']['seed']} (same token ids for GPTQModel). "
              f"Group size {results['group_size']}, symmetric. Machine: {results['machine']['cpus']} CPUs, "
@@ -288,7 +291,7 @@ def plot(results, path):
         ax.axhline(base, color="gray", linestyle=":", label=f"bf16 {base:.2f}")
         ax.set_yscale("log")
         ax.set_xlabel("weight bits (g%d)" % results["group_size"])
-        ax.set_title(f"{method.upper()}: WikiText-2 perplexity by SE policy")
+        ax.set_title(f"{method.upper()}: {results['eval'].get('text', 'wikitext2')} perplexity by SE policy")
         ax.invert_xaxis()
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel("perplexity (log)")

@@ -77,6 +77,9 @@ def cmd_ablate(args):
     from .detect import detect, write_report
     from .eval.ablation import ablate, ablation_markdown, write_ablation
 
+    from .eval.perplexity import eval_text
+
+    eval_text(args.text)  # a bad --text is one line before the detection pass
     out = Path(args.out)
     common = dict(allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
     if args.se_report:
@@ -88,7 +91,7 @@ def cmd_ablate(args):
                            criterion=_criterion(args), batch_size=args.batch_size, **common)
         write_report(se_report, out)
     result = ablate(args.model, se_report=se_report, draws=args.draws, seed=args.seed, seqlen=args.eval_seqlen,
-                    max_windows=args.max_windows)
+                    max_windows=args.max_windows, text=args.text)
     write_ablation(result, out)
     print(ablation_markdown(result))
     print(f"written: {out}/ablation.json, ablation.md, ablation.png")
@@ -210,7 +213,13 @@ def cmd_eval(args):
 
         torch.set_num_threads(args.threads)
     out = Path(args.out)
-    evaluate_checkpoint(args.model, args.tasks, args.limit, out, seqlen=args.seqlen,
+    texts = [t.strip() for t in args.text.split(",") if t.strip()] if args.text else None
+    if texts:
+        from .eval.perplexity import eval_text
+
+        for t in texts:
+            eval_text(t)  # a bad --text is one line before any work
+    evaluate_checkpoint(args.model, args.tasks, args.limit, out, seqlen=args.seqlen, texts=texts,
                         max_windows=args.max_windows, batch_size=args.batch_size, task_source=args.task_source,
                         baseline=baseline, label=args.label, allow_pickle=args.allow_pickle,
                         trust_remote_code=args.trust_remote_code)
@@ -288,6 +297,9 @@ def build_parser():
     p.add_argument("--draws", type=positive_int, default=5, help="random draws of each kind")
     p.add_argument("--eval-seqlen", type=sequence_length, default=None, help="perplexity window (default: the model's context, at most 2048)")
     p.add_argument("--max-windows", type=positive_int, default=None, help="evaluate only the first N windows (quick runs; default: all)")
+    p.add_argument("--text", default="wikitext2",
+                   help="perplexity text: wikitext2 (WikiText-2 test, the paper's set), books (the default model's "
+                        "held-out books, its in-domain text) or a UTF-8 text file")
     _calib_args(p)
     _criterion_args(p)
     p.set_defaults(func=cmd_ablate)
@@ -320,8 +332,10 @@ def build_parser():
     p.set_defaults(func=cmd_compare, checks_model=True)
     _outputs(p, "compare", "report")
 
-    p = sub.add_parser("train-default", help="retrain the shipped default model (about 110 minutes on one CPU thread)",
-                       description="Arguments after train-default go to the trainer; see "
+    p = sub.add_parser("train-default", help="retrain the shipped default model (--preset v2: ~200 s on one H200 GPU, "
+                                             "hours on a CPU; see README)",
+                       description="Arguments after train-default go to the trainer, e.g. `se-compress train-default -- "
+                                   "--preset v2 --data ../shared/data/train-text --out build/train-v2`; see "
                                    "`se-compress train-default -- --help`.")
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="the trainer's options (see -- --help)")
     p.set_defaults(func=cmd_train_default)
@@ -407,7 +421,10 @@ def build_parser():
                                    "eval.json and eval.md.")
     _model_args(p)
     p.add_argument("--tasks", default=None,
-                   help="comma list (default wikitext2,arc_easy,arc_challenge,piqa,winogrande,gsm8k,sink,repetition)")
+                   help="comma list (default wikitext2,books,arc_easy,arc_challenge,piqa,winogrande,gsm8k,sink,repetition)")
+    p.add_argument("--text", default=None,
+                   help="perplexity text(s), comma list: wikitext2, books (the default model's held-out books) or a "
+                        "UTF-8 text file; replaces the perplexity entries of --tasks (default: those in --tasks)")
     p.add_argument("--limit", type=positive_int, default=None, help="at most N examples per lm-eval task (quick runs; default: all)")
     p.add_argument("--out", help="folder for eval.json/eval.md (default <checkpoint>/eval, checkpoints/default-eval)")
     p.add_argument("--seqlen", type=sequence_length, default=None, help="perplexity window (default: the model's context, at most 2048)")

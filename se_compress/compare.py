@@ -188,23 +188,35 @@ def _metric(row: dict, key: str):
     return (row.get("metrics") or {}).get(key)
 
 
+PPL_LABELS = {"wikitext2": "WikiText-2 ppl", "books": "books ppl"}
+
+
+def perplexity_texts(table: dict) -> list[str]:
+    """The perplexity texts a table measured, in the recipe's order (wikitext2, books)."""
+    return [t for t in table["tasks"] if t in PPL_LABELS]
+
+
 def markdown(table: dict) -> str:
-    tasks = [t for t in table["tasks"] if t not in ("wikitext2", "sink", "repetition")]
-    head = ["recipe", "method", "SE policy", "size (MiB)", "WikiText-2 ppl", "vs base"] + tasks
-    head += ["sink", "D_sink", "rep4", "time (s)"]
-    base_ppl = _metric(table["rows"][0], "wikitext2_ppl")
+    texts = perplexity_texts(table)
+    tasks = [t for t in table["tasks"] if t not in PPL_LABELS and t not in ("sink", "repetition")]
+    head = ["recipe", "method", "SE policy", "size (MiB)"]
+    for text in texts:
+        head += [PPL_LABELS[text], "vs base"]
+    head += tasks + ["sink", "D_sink", "rep4", "time (s)"]
     lines = [f"# Comparison on {table['model']}", "", "| " + " | ".join(head) + " |", "|---|---|---|" + "---:|" * (len(head) - 3)]
     for r in table["rows"]:
-        ppl = _metric(r, "wikitext2_ppl")
-        ratio = f"x{ppl / base_ppl:.3f}" if ppl and base_ppl else "-"
-        cells = [r["recipe"], r["method"], r["se_policy"], f"{r['size_mb']:.1f}", _fmt(ppl), ratio]
+        cells = [r["recipe"], r["method"], r["se_policy"], f"{r['size_mb']:.1f}"]
+        for text in texts:
+            ppl, base_ppl = _metric(r, f"{text}_ppl"), _metric(table["rows"][0], f"{text}_ppl")
+            cells += [_fmt(ppl), f"x{ppl / base_ppl:.3f}" if ppl and base_ppl else "-"]
         cells += [_fmt(_metric(r, t)) for t in tasks]
         cells += [_fmt(_metric(r, "sink_first_token")), _fmt(_metric(r, "d_sink")), _fmt(_metric(r, "repetition")),
                   "-" if r.get("compress_seconds") is None else f"{r['compress_seconds']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     ev = table.get("evaluate") or {}
-    lines += ["", "WikiText-2 perplexity in the GPTQ convention (raw test"
-              + (f", first {ev['max_windows']} windows" if ev.get("max_windows") else "") + "); sink: mean attention on "
+    windows = f", first {ev['max_windows']} windows of each" if ev.get("max_windows") else ""
+    lines += ["", "Perplexity in the GPTQ convention (WikiText-2: raw test; books: the default model's two held-out books"
+              + windows + "); sink: mean attention on "
               "the first token over layers; D_sink: change of the per-head first-token attention against the base "
               "(mean over layers); rep4: repeated 4-grams in greedy generations; time: compression wall time (the detection "
               "pass is cached per model and shared by its recipes).", ""]
@@ -233,10 +245,12 @@ def plot(table: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    texts = perplexity_texts(table)
+    text = "books" if "books" in texts else "wikitext2"
     fig, ax = plt.subplots(figsize=(8, 5))
     labelled = set()
     for r in table["rows"]:
-        ppl = _metric(r, "wikitext2_ppl")
+        ppl = _metric(r, f"{text}_ppl")
         if ppl is None:
             continue
         if r["recipe"] == "base":
@@ -252,7 +266,7 @@ def plot(table: dict, path: Path) -> None:
         if pair not in labelled:
             labelled.add(pair)
             ax.annotate(pair, (r["size_mb"], ppl), fontsize=8, xytext=(6, -3), textcoords="offset points")
-    base = next((_metric(r, "wikitext2_ppl") for r in table["rows"] if r["recipe"] == "base"), None)
+    base = next((_metric(r, f"{text}_ppl") for r in table["rows"] if r["recipe"] == "base"), None)
     if base:
         ax.axhline(base, color="black", linestyle=":", linewidth=1)
         # The results often differ by fractions of a percent: a linear axis fitted to them shows it (a log axis
@@ -260,7 +274,7 @@ def plot(table: dict, path: Path) -> None:
         right = ax.secondary_yaxis("right", functions=(lambda p: (p / base - 1) * 100, lambda d: base * (1 + d / 100)))
         right.set_ylabel("vs base (%)")
     ax.set_xlabel("size on disk (MiB)")
-    ax.set_ylabel("WikiText-2 perplexity (lower is better)")
+    ax.set_ylabel(f"{PPL_LABELS[text]} (lower is better)")
     ax.ticklabel_format(axis="y", style="plain", useOffset=False)
     ax.set_title(f"Quality against size on {table['model']} (o quantize, ^ prune, D merge)", fontsize=10)
     ax.grid(alpha=0.3)

@@ -67,7 +67,7 @@ def run_stage(stage, current: str, out: Path, se_report: dict, recipe: Recipe, p
         from .eval.ablation import ablate, write_ablation
 
         result = ablate(current, se_report=se_report, draws=o.draws, seed=d.seed, max_windows=o.max_windows,
-                        progress=progress)
+                        text=o.text, progress=progress)
         write_ablation(result, out)
         return current  # the model is unchanged; the study is the output
     return str(out)
@@ -111,6 +111,11 @@ def compress(recipe_name: str, model: str | None = None, out: str | None = None,
     check_output_path(src, out, force)
     if evaluate and recipe.evaluate.tasks:
         check_evaluation(recipe, model, out)  # bad baselines or tasks fail now, not after the compression
+    for stage in recipe.stages:
+        if stage.kind == "ablate":
+            from .eval.perplexity import eval_text
+
+            eval_text(stage.options.text)  # a bad text fails now, not after the detection pass
     work = out.parent / f".{out.name}.work"
     shutil.rmtree(work, ignore_errors=True)  # leftovers of a killed run
     work.mkdir(parents=True)

@@ -74,7 +74,8 @@ class ZeroStage(Strict):
 
 class AblateStage(Strict):
     draws: int = Field(5, ge=1)
-    max_windows: int | None = None
+    max_windows: int | None = Field(None, ge=1)
+    text: str = Field("wikitext2", description="perplexity text: wikitext2, books or a text file")
 
 
 class Stage(Strict):

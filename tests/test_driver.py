@@ -18,7 +18,7 @@ RECIPE = """name: tiny-int4-se
 detect: {{calib: wikitext2, samples: 8, seqlen: 64}}
 stages:
   - quantize: {{method: gptq, bits: 4, group_size: 32, se_policy: [{policy}], clip_search: true}}
-evaluate: {{tasks: [wikitext2, sink], max_windows: 6, seqlen: 64}}
+evaluate: {{tasks: [wikitext2, books, sink], max_windows: 6, seqlen: 64}}
 """
 
 
@@ -63,12 +63,16 @@ def test_compress_writes_checkpoint_reports_and_comparison_and_leaves_the_input_
     base, ours, twin = table["rows"]
     assert base["metrics"]["wikitext2_ppl"] > 1 and ours["metrics"]["wikitext2_ppl"] > 1
     assert ours["metrics"]["wikitext2_ppl"] != twin["metrics"]["wikitext2_ppl"]  # the policies did differ
+    # The recipe's second text reached the evaluation: the held-out books, measured on every row.
+    assert all(r["metrics"]["books_ppl"] > 1 for r in table["rows"])
+    assert ours["perplexity"]["books"]["windows"] == 6 and "Secret Agent" in ours["perplexity"]["books"]["text"]
     assert ours["se_policy"] == "noclip+calib" and twin["se_policy"] == "none"
     assert ours["size_mb"] < base["size_mb"]
     assert ours["metrics"]["d_sink"] is not None and base["metrics"]["d_sink"] is None
     assert (work / "checkpoints" / f"{model.name}-tiny-int4-naive" / "compression_report.json").exists()  # the twin
     # The comparison is printed, with the naive twin beside the result.
     assert "| tiny-int4-se |" in printed and "| tiny-int4-naive |" in printed and "| base |" in printed
+    assert "books ppl" in printed and "WikiText-2 ppl" in printed
 
     # A second run refuses to overwrite; --force replaces, reusing the base and twin evaluations.
     assert main(["compress", "--recipe", str(recipe), "--model", str(model), "--out", str(out)]) == 2

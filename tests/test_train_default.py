@@ -104,3 +104,54 @@ def test_bad_experiment_options_are_one_line_errors(tmp_path):
         train_main(run + ["--plant-set", "sink_query_bias=three"])
     with pytest.raises(SystemExit, match="no config.json there"):
         train_main(run + ["--init-from", str(tmp_path / "nothing")])
+
+
+def test_preset_v2_is_the_shipped_recipe_and_explicit_flags_win():
+    from se_compress.default_model.train import build_parser, resolve_settings
+
+    args = build_parser().parse_args(["--data", "d", "--out", "o", "--preset", "v2"])
+    resolve_settings(args)
+    assert (args.hidden, args.layers, args.experts, args.moe_inter, args.heads, args.seq_len) == (256, 10, 64, 32, 8, 512)
+    assert (args.batch, args.steps, args.lr, args.warmup, args.plant) == (32, 1212, 2e-3, 150, "se+route")
+    args = build_parser().parse_args(["--data", "d", "--out", "o", "--preset", "v2", "--steps", "7", "--heads", "4"])
+    resolve_settings(args)
+    assert (args.steps, args.heads, args.hidden) == (7, 4, 256)
+
+
+def test_preset_v2_trains_at_a_tiny_size_and_never_sees_the_held_out_books(tmp_path):
+    """A few steps of the v2 recipe on CPU: the held-out books are left out of training, the sink route is planted,
+    and the checkpoint loads in plain transformers and runs through se_compress's own reader."""
+    from se_compress.default_model.train import HELD_OUT_BOOKS
+    from se_compress.eval.perplexity import BOOK_FILES
+
+    data = tmp_path / "books"
+    data.mkdir()
+    (data / "a-book.txt").write_text((REPO / "se_compress/data/text/c4-sample.txt").read_text()[:150_000])
+    for path in BOOK_FILES:  # the real held-out files, under their own names
+        (data / path.name).write_text(path.read_text()[:40_000])
+    assert {p.name for p in BOOK_FILES} == set(HELD_OUT_BOOKS)
+    train_main(["--data", str(data), "--out", str(tmp_path / "run"), "--preset", "v2", "--small", "--steps", "3",
+                "--batch", "2", "--seq-len", "64", "--vocab", "300", "--threads", "1", "--device", "cpu"])
+    final = tmp_path / "run" / "final"
+    meta = json.loads((final / "training.json").read_text())
+    assert meta["training_files"] == ["a-book.txt"] and sorted(meta["held_out_files"]) == sorted(HELD_OUT_BOOKS)
+    assert meta["preset"] == "v2" and meta["device"] == "cpu" and meta["tokens_seen"] == 3 * 2 * 64
+    model = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32)
+    assert model.config.attention_bias and model.config.num_attention_heads == 8
+    assert model.config.max_position_embeddings == 64
+    spec = PlantSpec(**meta["plant"])
+    assert spec.sink_from_layer == 2 and spec.se2_neuron == 13
+    sink_dim = model.config.head_dim // 2 - 1
+    assert model.model.layers[-1].self_attn.q_proj.bias[sink_dim].item() == spec.sink_query_bias
+
+    from se_compress.detect import detect
+
+    report = detect(str(final), samples=4, seqlen=32, progress=False)  # our streamed reader takes it
+    assert report["model"] == str(final)
+
+
+def test_cuda_without_cuda_is_one_line(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is here")
+    with pytest.raises(SystemExit, match="CUDA is not available"):
+        train_main(["--data", str(tmp_path), "--out", str(tmp_path / "o"), "--device", "cuda"])

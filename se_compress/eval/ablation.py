@@ -12,7 +12,7 @@ from ..errors import SECompressError
 from ..models.adapters import adapter_for
 from ..models.checkpoint import Checkpoint, resolve_model
 from ..models.edit import zero_experts
-from .perplexity import default_seqlen, eval_windows, perplexity_streamed, wikitext2_test_text
+from .perplexity import default_seqlen, eval_text, perplexity_streamed, text_windows
 from .sink import d_sink, first_token_attention
 
 
@@ -36,7 +36,10 @@ def draw_layer_matched(ses, candidates, rng):
 
 
 def ablate(model: str, se_report: dict | None = None, draws: int = 5, seed: int = 0, seqlen: int | None = None,
-           max_windows: int | None = None, sink_windows: int = 16, progress: bool = True, **detect_kwargs) -> dict:
+           max_windows: int | None = None, sink_windows: int = 16, progress: bool = True, text: str = "wikitext2",
+           **detect_kwargs) -> dict:
+    """`text`: what perplexity is measured on (wikitext2, books or a text file; see eval/perplexity.py)."""
+    eval_on = eval_text(text)  # a bad --text fails before the detection pass
     path = resolve_model(model)
     ckpt = Checkpoint(path)
     adapter = adapter_for(ckpt.config)
@@ -52,7 +55,7 @@ def ablate(model: str, se_report: dict | None = None, draws: int = 5, seed: int 
 
     tokenizer = load_tokenizer(path)
     seqlen = seqlen or default_seqlen(ckpt.config)
-    windows = eval_windows(tokenizer, wikitext2_test_text(), seqlen, max_windows)
+    windows = text_windows(tokenizer, eval_on, seqlen, max_windows)
 
     def ppl(experts):
         hook = _hook(adapter, experts) if experts else None
@@ -91,7 +94,7 @@ def ablate(model: str, se_report: dict | None = None, draws: int = 5, seed: int 
             "d_sink_random": d_sink(attention["base"], attention["random_zeroed"]),
             "windows": int(sink_in.shape[0]),
         },
-        "eval": {"text": "WikiText-2 raw test", "windows": int(windows.shape[0]), "seqlen": seqlen,
+        "eval": {"text": eval_on.key, "text_label": eval_on.label, "windows": int(windows.shape[0]), "seqlen": seqlen,
                  "bos_per_window": bool(windows[0, 0] == tokenizer.bos_token_id and tokenizer.bos_token_id is not None)},
         "draws": draws,
         "seed": seed,
@@ -105,7 +108,7 @@ def ablation_markdown(result: dict) -> str:
     lines = [
         f"# SE ablation: {result['model']}",
         "",
-        f"WikiText-2 raw test, {ev['windows']} windows of {ev['seqlen']} tokens"
+        f"{ev.get('text_label', 'WikiText-2 raw test')}, {ev['windows']} windows of {ev['seqlen']} tokens"
         f"{' (BOS + text)' if ev['bos_per_window'] else ''}; experts zeroed = their down_proj set to 0.",
         "",
         "| condition | experts zeroed | perplexity | x base |",
@@ -156,7 +159,7 @@ def plot_ablation(result: dict, path: Path) -> None:
                      fontsize=7, rotation=90, xytext=(0, 2), textcoords="offset points")
     ax1.axhline(base, color="gray", linestyle="--", linewidth=1, label=f"base {base:.2f}")
     ax1.set_ylim(0, max(values) * 1.15)
-    ax1.set_ylabel("WikiText-2 perplexity (labels: x base)")
+    ax1.set_ylabel(f"perplexity ({result['eval'].get('text', 'wikitext2')}; labels: x base)")
     ax1.set_title("Zeroing Super Experts vs as many random experts")
     ax1.tick_params(axis="x", rotation=60)
     ax1.legend(fontsize=8, loc="lower right")

@@ -1,4 +1,8 @@
-"""WikiText-2 perplexity in the GPTQ convention, streamed one decoder layer at a time.
+"""Perplexity in the GPTQ convention, streamed one decoder layer at a time, on a named text.
+
+Texts (`--text`): `wikitext2`, WikiText-2 raw test (the SE paper's set); `books`, the two public-domain books held
+out of the default model's training (its in-domain text: a model trained on 19th-century books finds Wikipedia
+out of domain, and its dependence on its Super Experts shows on the books); or any UTF-8 text file.
 
 GPTQ (and the SE paper): the raw test split's rows joined with "\\n\\n", tokenized once, cut into
 non-overlapping windows of the model's context; ppl = exp(mean NLL of the predicted tokens). One deviation,
@@ -11,12 +15,15 @@ fake-quantized evaluations change weights there, so the checkpoint on disk is ne
 """
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..data.calibration import EVAL_TEXT, tokenizer_adds_bos
+from ..data.calibration import EVAL_TEXT, TEXT_DIR, tokenizer_adds_bos
+from ..errors import SECompressError
 from ..models.checkpoint import Checkpoint
 from ..models.streaming import StreamedModel
 
@@ -24,6 +31,47 @@ from ..models.streaming import StreamedModel
 def wikitext2_test_text() -> str:
     rows = EVAL_TEXT.read_text(encoding="utf-8").splitlines(keepends=True)  # the HF dataset's rows
     return "\n\n".join(rows)
+
+
+# The default model's held-out books, in file-name order (see data/text/SOURCES.md).
+BOOK_FILES = (TEXT_DIR / "pg974_joseph-conrad_the-secret-agent.txt", TEXT_DIR / "pg98_charles-dickens_a-tale-of-two-cities.txt")
+NAMED_TEXTS = ("wikitext2", "books")
+
+
+@dataclass(frozen=True)
+class EvalText:
+    key: str  # where results are filed: 'wikitext2', 'books' or 'file:<name>'
+    label: str  # what reports say was measured
+    text: str
+
+
+def books_text() -> str:
+    return "\n\n".join(path.read_text(encoding="utf-8").strip() for path in BOOK_FILES)
+
+
+def eval_text(spec: str) -> EvalText:
+    """The text `--text SPEC` names: wikitext2, books, or a UTF-8 text file."""
+    if spec == "wikitext2":
+        return EvalText("wikitext2", "WikiText-2 raw test (shipped), rows joined with \\n\\n", wikitext2_test_text())
+    if spec == "books":
+        return EvalText("books", "held-out books: The Secret Agent + A Tale of Two Cities (shipped), joined with \\n\\n",
+                        books_text())
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise SECompressError(f"--text '{spec}' is neither wikitext2, books nor a text file: use one of those")
+    from ..validate import check_text_file
+
+    text = check_text_file(path, what="--text file")  # UTF-8, printable, not empty: one line otherwise
+    return EvalText(f"file:{path.name}", f"text file {path}", text)
+
+
+def text_windows(tokenizer, text: EvalText, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    """eval_windows, refusing a text too short for one window."""
+    windows = eval_windows(tokenizer, text.text, seqlen, max_windows)
+    if windows.shape[0] == 0:
+        raise SECompressError(f"{text.key}: the text is shorter than one window of {seqlen} tokens; pass a longer text "
+                              f"or a smaller --seqlen")
+    return windows
 
 
 def eval_windows(tokenizer, text: str, seqlen: int, max_windows: int | None = None) -> torch.Tensor:

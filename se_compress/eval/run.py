@@ -21,7 +21,7 @@ import torch
 
 from ..errors import SECompressError, read_json_report
 from ..models.checkpoint import DEFAULT_MODEL_DIR, Checkpoint, resolve_model
-from .tasks import DEFAULT_TASKS, parse_task_list, plan_tasks, primary_metric, task_manager
+from .tasks import DEFAULT_TASKS, PERPLEXITY, parse_task_list, plan_tasks, primary_metric, task_manager
 
 SINK_WINDOWS = 16
 GSM8K_MAX_GEN_TOKS = 256
@@ -76,20 +76,11 @@ def load_full_model(ckpt: Checkpoint, dtype: torch.dtype, device: str) -> tuple[
 
 # ---- the measures ----------------------------------------------------------------------------------------------
 
-def perplexity_windows(tokenizer, seqlen, max_windows) -> torch.Tensor:
-    from .perplexity import eval_windows, wikitext2_test_text
-
-    windows = eval_windows(tokenizer, wikitext2_test_text(), seqlen, max_windows)
-    if windows.shape[0] == 0:
-        raise SECompressError(f"--seqlen {seqlen} leaves no full window of WikiText-2 test: use a smaller --seqlen")
-    return windows
-
-
-def run_perplexity(ckpt, tokenizer, windows, progress) -> dict:
+def run_perplexity(ckpt, tokenizer, text, windows, progress) -> dict:
     from .perplexity import perplexity_streamed
 
     result = perplexity_streamed(ckpt, windows, progress=progress)
-    result.update(text="WikiText-2 raw test (shipped), rows joined with \\n\\n, non-overlapping windows",
+    result.update(text=text.label + ", non-overlapping windows",
                   bos_per_window=bool(tokenizer.bos_token_id is not None and windows[0, 0] == tokenizer.bos_token_id))
     return result
 
@@ -150,16 +141,21 @@ def _quiet_lm_eval() -> None:
 def evaluate_checkpoint(model: str, tasks: list[str] | None = None, limit: int | None = None, out: Path | None = None,
                         *, seqlen: int | None = None, max_windows: int | None = None, batch_size: int = 8,
                         task_source: str = "auto", baseline: dict | None = None, label: str | None = None,
-                        progress: bool = True, allow_pickle: bool = False, trust_remote_code: bool = False) -> dict:
+                        progress: bool = True, allow_pickle: bool = False, trust_remote_code: bool = False,
+                        texts: list[str] | None = None) -> dict:
     """Evaluate `model` ('default', a folder or a Hub id) on `tasks` (default DEFAULT_TASKS); writes eval.json and
     eval.md to `out` (default: see default_out) and returns the eval.json dict. `limit`: at most N examples per
-    lm-eval task; `max_windows`: at most N perplexity windows. `baseline`: the eval.json dict of the model this one
-    was made from, for D_sink."""
+    lm-eval task; `max_windows`: at most N perplexity windows per text. `texts`: the perplexity texts (wikitext2,
+    books, a file), replacing those named in `tasks`. `baseline`: the eval.json dict of the model this one was
+    made from, for D_sink."""
     from ..detect import load_tokenizer
     from .generation import repetition_rate
-    from .perplexity import default_seqlen
+    from .perplexity import default_seqlen, eval_text, text_windows
 
     names = parse_task_list(tasks)
+    if texts:
+        names = [n for n in names if n not in PERPLEXITY]
+    texts = [eval_text(t) for t in (texts or [n for n in names if n in PERPLEXITY])]
     if limit is not None and limit < 1:
         raise SECompressError(f"--limit must be at least 1 (got {limit})")
     plan = plan_tasks(names, task_source)  # fails before any work when a task cannot run
@@ -180,7 +176,7 @@ def evaluate_checkpoint(model: str, tasks: list[str] | None = None, limit: int |
         "kind": "se_compress.eval", "version": 1, "model": model, "label": label or _label(model, path),
         "path": str(path), "architecture": ckpt.config.model_type, "started": started,
         "settings": {
-            "tasks": names, "limit": limit, "seqlen": seqlen, "max_windows": max_windows, "batch_size": batch_size,
+            "tasks": names, "texts": [t.key for t in texts], "limit": limit, "seqlen": seqlen, "max_windows": max_windows, "batch_size": batch_size,
             "task_source": task_source, "chat_template": False, "device": device, "dtype": str(dtype).split(".")[-1],
             "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
         },
@@ -189,14 +185,15 @@ def evaluate_checkpoint(model: str, tasks: list[str] | None = None, limit: int |
     }
     wanted = {p.name for p in plan}
     timings = result["seconds_per_stage"] = {}
-    windows = perplexity_windows(tokenizer, seqlen, max_windows) if wanted & {"wikitext2", "sink"} else None
-    if "wikitext2" in wanted:
-        say(f"[eval] {result['label']}: WikiText-2 perplexity, {windows.shape[0]} windows of {seqlen} tokens (streamed)")
+    for text in texts:
+        windows = text_windows(tokenizer, text, seqlen, max_windows)
+        say(f"[eval] {result['label']}: {text.key} perplexity, {windows.shape[0]} windows of {seqlen} tokens (streamed)")
         start = time.time()
-        ppl = result["perplexity"]["wikitext2"] = run_perplexity(ckpt, tokenizer, windows, progress)
-        timings["wikitext2"] = round(time.time() - start, 1)
+        ppl = result["perplexity"][text.key] = run_perplexity(ckpt, tokenizer, text, windows, progress)
+        timings[text.key] = round(time.time() - start, 1)
         say(f"  perplexity {ppl['ppl']:.3f}")
-    if "sink" in wanted:
+    if "sink" in wanted:  # on the first text measured (WikiText-2 when none is)
+        windows = text_windows(tokenizer, texts[0] if texts else eval_text("wikitext2"), seqlen, max_windows)
         say(f"[eval] attention on the first token, {min(SINK_WINDOWS, windows.shape[0])} windows (streamed, eager attention)")
         start = time.time()
         result["sink"] = run_sink(ckpt, windows)
@@ -258,7 +255,8 @@ def flat_metrics(result: dict) -> dict:
     """One number per measure, under the names `se-compress compare` tables use: wikitext2_ppl, each task's
     primary metric under the task's name, sink_first_token (mean over layers), d_sink (mean over layers, only
     with a baseline) and repetition (rep4)."""
-    metrics = {"wikitext2_ppl": (result["perplexity"].get("wikitext2") or {}).get("ppl")}
+    metrics = {f"{key}_ppl": ppl.get("ppl") for key, ppl in result["perplexity"].items()}
+    metrics.setdefault("wikitext2_ppl", None)
     for name, task in result["tasks"].items():
         metrics[name] = task["metrics"].get(task["primary"]) if task["primary"] else None
     sink = result.get("sink") or {}
@@ -298,7 +296,7 @@ def _stderr_key(metric: str) -> str:
 
 def summary_row(result: dict) -> dict:
     """The few numbers a comparison table shows for one eval.json: name -> value (None when not measured)."""
-    row = {"wikitext2 ppl": (result.get("perplexity", {}).get("wikitext2") or {}).get("ppl")}
+    row = {f"{key} ppl": ppl.get("ppl") for key, ppl in result.get("perplexity", {}).items()}
     for name, task in result.get("tasks", {}).items():
         if task.get("primary"):
             row[f"{name} {task['primary'].split(',')[0].replace('exact_match', 'em')}"] = task["metrics"][task["primary"]]
@@ -317,7 +315,7 @@ def comparison_markdown(results: list[dict]) -> str:
         columns += [c for c in row if c not in columns and row[c] is not None]
     lines = ["| model | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for label, row in rows:
-        lines.append(f"| {label} | " + " | ".join(_fmt(row.get(c), 3 if c == 'wikitext2 ppl' else 4) for c in columns) + " |")
+        lines.append(f"| {label} | " + " | ".join(_fmt(row.get(c), 3 if c.endswith(' ppl') else 4) for c in columns) + " |")
     return "\n".join(lines)
 
 
@@ -327,11 +325,13 @@ def eval_markdown(result: dict) -> str:
              f"`{result['model']}` ({result['architecture']}), {result['started']} to {result['finished']} "
              f"({result['seconds']:.0f} s), {s['device']} {s['dtype']}, no chat template"
              + (f", lm-eval limit {s['limit']} examples per task" if s["limit"] else "") + ".", ""]
-    ppl = result["perplexity"].get("wikitext2")
-    if ppl:
-        lines += ["## Perplexity", "", "| text | windows x tokens | BOS per window | perplexity |", "|---|---|---|---:|",
-                  f"| WikiText-2 test (GPTQ convention) | {ppl['windows']} x {ppl['seqlen']} | {ppl['bos_per_window']} "
-                  f"| {ppl['ppl']:.3f} |", ""]
+    if result["perplexity"]:
+        lines += ["## Perplexity (GPTQ convention)", "", "| text | windows x tokens | BOS per window | perplexity |",
+                  "|---|---|---|---:|"]
+        for key, ppl in result["perplexity"].items():
+            lines.append(f"| {key}: {ppl['text']} | {ppl['windows']} x {ppl['seqlen']} | {ppl['bos_per_window']} "
+                         f"| {ppl['ppl']:.3f} |")
+        lines.append("")
     if result["tasks"]:
         lines += ["## Tasks (lm-eval)", "", "| task | ran as | data | shots | examples | metric | value | stderr |",
                   "|---|---|---|---:|---:|---|---:|---:|"]

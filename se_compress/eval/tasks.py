@@ -1,8 +1,9 @@
 """Which evaluations `se-compress eval` runs, and where each lm-eval task's data comes from.
 
 Task names the user gives:
-- `wikitext2`: perplexity in the GPTQ convention (se_compress.eval.perplexity), not an lm-eval task, because
-  lm-eval's `wikitext` reports word perplexity, a different number.
+- `wikitext2`, `books`: perplexity in the GPTQ convention (se_compress.eval.perplexity) on WikiText-2 test or on
+  the default model's held-out books; not lm-eval tasks, because lm-eval's `wikitext` reports word perplexity, a
+  different number. `--text FILE` measures any other text the same way.
 - `sink`, `repetition`: the attention-sink measure and the repetition rate of greedy generations.
 - `arc_easy`, `arc_challenge`, `piqa`, `winogrande`, `gsm8k`: the standard lm-eval names. Their data ships in
   eval/data/ and eval/se_*.yaml runs them offline; with the Hub in reach (and --task-source auto or hub) the
@@ -21,7 +22,8 @@ from ..errors import SECompressError
 # The task YAMLs and their data live in <repo>/eval (se_compress is installed editable: see the README).
 EVAL_DIR = Path(__file__).resolve().parent.parent.parent / "eval"
 
-BUILTIN = ("wikitext2", "sink", "repetition")
+BUILTIN = ("wikitext2", "books", "sink", "repetition")
+PERPLEXITY = ("wikitext2", "books")
 LOCAL_TASKS = {
     "arc_easy": "se_arc_easy",
     "arc_challenge": "se_arc_challenge",
@@ -29,7 +31,7 @@ LOCAL_TASKS = {
     "winogrande": "se_winogrande",
     "gsm8k": "se_gsm8k",
 }
-DEFAULT_TASKS = ["wikitext2", "arc_easy", "arc_challenge", "piqa", "winogrande", "gsm8k", "sink", "repetition"]
+DEFAULT_TASKS = ["wikitext2", "books", "arc_easy", "arc_challenge", "piqa", "winogrande", "gsm8k", "sink", "repetition"]
 
 # The metric each task is ranked by in tables (all metrics are kept in eval.json). gsm8k: strict-match is the
 # "#### N" answer format that the 5 shots teach; flexible-extract (last number) is kept beside it.
