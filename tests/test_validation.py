@@ -199,6 +199,10 @@ def test_calibration_that_is_not_text(capsys, workdir, tiny_model):
                              "--out", workdir / "out")
         assert_refused(code, err, needle)
     assert not (workdir / "out").exists()
+    for command in ("eval", "ablate"):  # the perplexity text of --text FILE passes the same check
+        code, out, err = cli(capsys, command, model, "--text", workdir / "random.bin", "--out", workdir / "out")
+        assert_refused(code, err, "--text file", "not text")
+    assert not (workdir / "out").exists()
     # The same check guards the library entry point, not only the CLI.
     from se_compress.data.calibration import load_text
     from se_compress.errors import SECompressError
