@@ -458,6 +458,55 @@ def build_parser():
     return parser
 
 
+class _InterruptFlag:
+    """Ctrl-C raises KeyboardInterrupt as usual, and is remembered: native code (safetensors, torch) can turn the
+    KeyboardInterrupt it is handed into another exception type, which must still read as an interruption."""
+
+    def __init__(self):
+        self.hit = False
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        import signal
+
+        self.hit = True
+        signal.default_int_handler(signum, frame)
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        return False
+
+
+def _one_line(exc: BaseException, interrupted: bool) -> int:
+    """The exit status for an exception, after printing it as one line; anything unexpected is re-raised."""
+    if isinstance(exc, KeyboardInterrupt) or interrupted:
+        # a progress bar is usually mid-line when Ctrl-C comes: the error starts a line of its own
+        print("\nerror: interrupted; nothing was left half-written (outputs go through a temporary folder)", file=sys.stderr)
+        return 130
+    if isinstance(exc, SECompressError):
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if isinstance(exc, OSError):  # late: disk full, a folder made read-only meanwhile; outputs stay in temporary folders
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"error: could not read or write{where}: {exc.strerror or exc}; nothing that looks complete was left",
+              file=sys.stderr)
+        return 2
+    if isinstance(exc, SystemExit):  # the trainer's own argparse (train-default -- --help)
+        return exc.code if isinstance(exc.code, int) else 2
+    raise exc
+
+
 def main(argv=None):
     parser = build_parser()
     try:
@@ -467,23 +516,12 @@ def main(argv=None):
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    try:
-        check_args(args)  # every option and input, before any model work (validate.py)
-        args.func(args)
-    except SECompressError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # late: disk full, a folder made read-only meanwhile; outputs stay in temporary folders
-        where = f" {exc.filename}" if exc.filename else ""
-        print(f"error: could not read or write{where}: {exc.strerror or exc}; nothing that looks complete was left",
-              file=sys.stderr)
-        return 2
-    except SystemExit as exc:  # the trainer's own argparse (train-default -- --help)
-        return exc.code if isinstance(exc.code, int) else 2
-    except KeyboardInterrupt:
-        # a progress bar is usually mid-line when Ctrl-C comes: the error starts a line of its own
-        print("\nerror: interrupted; nothing was left half-written (outputs go through a temporary folder)", file=sys.stderr)
-        return 130
+    with _InterruptFlag() as flag:
+        try:
+            check_args(args)  # every option and input, before any model work (validate.py)
+            args.func(args)
+        except BaseException as exc:  # noqa: BLE001: _one_line re-raises what it does not know
+            return _one_line(exc, flag.hit)
     return 0
 
 

@@ -34,14 +34,14 @@ def positive_int(text: str) -> int:
     """1, 2, 3, ... (a count: 0 never means 'all')."""
     value = _number(int, text)
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1 (got {value})")
+        raise argparse.ArgumentTypeError(f"must be at least 1, a whole number (got {value}; 0 never means 'all')")
     return value
 
 
 def non_negative_int(text: str) -> int:
     value = _number(int, text)
     if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a whole number of at least 0 (got {value})")
+        raise argparse.ArgumentTypeError(f"must be at least 0, a whole number (got {value})")
     return value
 
 
