@@ -11,11 +11,14 @@ from pathlib import Path
 
 from . import distributed
 from .errors import SECompressError
+from .validate import (HelpFormatter, OneLineParser, check_args, fraction_up_to_one, group_size, non_negative_int,
+                       open_fraction, positive_float, positive_int, sequence_length)
 
 
 def _model_args(p):
     p.add_argument("model", nargs="?", default="default",
                    help="local checkpoint folder, Hugging Face Hub id, or 'default' (the shipped model)")
+    p.set_defaults(checks_model=True)
     p.add_argument("--allow-pickle", action="store_true", help="accept pickle .bin weights (can run code: trusted sources only)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom modeling code from the checkpoint")
 
@@ -29,18 +32,18 @@ def _device_arg(p):
 def _calib_args(p, samples=64, seqlen=256):
     p.add_argument("--calib", default="wikitext2",
                    help="calibration text: 'wikitext2' (valid split, shipped), 'c4' (shipped sample), a text file, or a Hub dataset org/name[:split]")
-    p.add_argument("--samples", type=int, default=samples, help="number of calibration sequences")
-    p.add_argument("--seqlen", type=int, default=seqlen, help="tokens per calibration sequence")
-    p.add_argument("--seed", type=int, default=0, help="seed for picking calibration sequences")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--samples", type=positive_int, default=samples, help="number of calibration sequences")
+    p.add_argument("--seqlen", type=sequence_length, default=seqlen, help="tokens per calibration sequence")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed for picking calibration sequences")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="calibration sequences per forward pass")
 
 
 def _criterion_args(p):
-    p.add_argument("--quantile", type=float, default=0.995, help="a(l,e) must exceed this quantile of all a (paper: 0.995)")
-    p.add_argument("--max-fraction", type=float, default=0.1, help="a(l,e) must exceed max(a) times this (paper: 0.1)")
+    p.add_argument("--quantile", type=open_fraction, default=0.995, help="a(l,e) must exceed this quantile of all a (paper: 0.995)")
+    p.add_argument("--max-fraction", type=fraction_up_to_one, default=0.1, help="a(l,e) must exceed max(a) times this (paper: 0.1)")
     p.add_argument("--layers", default="auto",
                    help="layers the rule applies to: auto (where massive activations are seen), paper (first 75%%), all, or '1,2,3'")
-    p.add_argument("--massive-ratio", type=float, default=100.0, help="auto layers: max|h| >= this x median|h|")
+    p.add_argument("--massive-ratio", type=positive_float, default=100.0, help="auto layers: max|h| >= this x median|h|")
 
 
 def _criterion(args):
@@ -66,7 +69,7 @@ def cmd_detect(args):
     common = dict(samples=args.samples, seqlen=args.seqlen, criterion=criterion, batch_size=args.batch_size,
                   allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
     report = detect(args.model, calib=args.calib, seed=args.seed, streamed=not args.in_memory, **common)
-    out = Path(args.out or f"checkpoints/{Path(args.model).name or 'model'}-se-report")
+    out = Path(args.out)
     write_report(report, out)
     ses = ", ".join(f"({s['layer']},{s['expert']}) max {s['max_output']:.4g} ch {s['channel']} at {s['token']!r}"
                     for s in report["super_experts"]) or "none"
@@ -87,7 +90,7 @@ def cmd_ablate(args):
     from .eval.perplexity import eval_text
 
     eval_text(args.text)  # a bad --text is one line before the detection pass
-    out = Path(args.out or f"checkpoints/{Path(args.model).name or 'model'}-ablation")
+    out = Path(args.out)
     common = dict(allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
     if args.se_report:
         from .prune.common import read_se_report
@@ -107,7 +110,9 @@ def cmd_ablate(args):
 def cmd_train_default(args):
     from .default_model.train import main as train_main
 
-    train_main(args.train_args)
+    # `se-compress train-default -- --help`: the "--" only separates our options from the trainer's.
+    train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
+    train_main(train_args)
 
 
 def cmd_compress(args):
@@ -126,18 +131,10 @@ def cmd_compare(args):
     if not recipes:
         raise SECompressError("--recipes is empty: give a comma list of recipe names, e.g. qwen3-int4-se-protect,qwen3-int4-naive")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
-    table = compare(recipes, model=args.model, out=Path(args.out) if args.out else None, tasks=tasks,
+    table = compare(recipes, model=args.model, out=Path(args.out), tasks=tasks,
                     limit=args.limit, max_windows=args.max_windows)
     print(markdown(table))
     print(f"written: {table['out']}/compare.md, compare.json, compare.png")
-
-
-def _parse_group_size(text):
-    if text in ("0", "channel", "per-channel", "-1"):
-        return 0
-    if not text.isdigit():
-        raise SECompressError(f"--group-size must be a number like 128, or 'channel' (got '{text}')")
-    return int(text)
 
 
 def cmd_quantize(args):
@@ -146,9 +143,9 @@ def cmd_quantize(args):
     from .prune.common import read_se_report
 
     se_report = read_se_report(args.se_report) if args.se_report else None
-    out = Path(args.out or f"checkpoints/{Path(args.model).name or 'model'}-w{args.bits}-{args.method}")
+    out = Path(args.out)
     result = quantize_model(
-        args.model, out, method=args.method, bits=args.bits, group_size=_parse_group_size(args.group_size),
+        args.model, out, method=args.method, bits=args.bits, group_size=args.group_size,
         symmetric=not args.asymmetric, se_policy=args.se_policy, output_format=args.format,
         clip_search=args.clip_search, act_order=args.act_order, quantize_attention=not args.keep_attention,
         layer_bits=args.layer_bits, se_report=se_report, calib=args.calib, samples=args.samples, seqlen=args.seqlen,
@@ -189,18 +186,17 @@ def cmd_prune(args):
     common = dict(se_report=se_report, calib=args.calib, samples=args.samples, seqlen=args.seqlen, seed=args.seed,
                   force=args.force, batch_size=args.batch_size, allow_pickle=args.allow_pickle,
                   trust_remote_code=args.trust_remote_code)
-    name = Path(args.model).name or "model"
     if args.zero:
         if args.fraction is not None or args.keep is not None:
             raise SECompressError("--zero keeps every expert (it zeroes down_proj): leave out --fraction/--keep")
-        out = Path(args.out or f"checkpoints/{name}-zero")
+        out = Path(args.out)
         result = zero_experts_model(args.model, out, args.zero, **common)
         zeroed = json.loads((result / "compression_report.json").read_text())["zeroed"]
         print(f"zeroed the down_proj of {len(zeroed)} experts: "
               + ", ".join(f"({z['layer']},{z['expert']})" for z in zeroed[:20]) + (" ..." if len(zeroed) > 20 else ""))
         print(f"written: {result} (compression_report.json, README.md)")
         return
-    out = Path(args.out or f"checkpoints/{name}-prune-{args.criterion}-{args.se_policy}-{_size_label(args)}")
+    out = Path(args.out)
     result = prune_model(args.model, out, fraction=args.fraction, keep=args.keep, criterion=args.criterion,
                          se_policy=args.se_policy, **common)
     _print_compression(result, "prune")
@@ -211,7 +207,7 @@ def cmd_merge(args):
     from .prune.common import read_se_report
 
     se_report = read_se_report(args.se_report) if args.se_report else None
-    out = Path(args.out or f"checkpoints/{Path(args.model).name or 'model'}-merge-{args.se_policy}-{_size_label(args)}")
+    out = Path(args.out)
     result = merge_model(args.model, out, fraction=args.fraction, keep=args.keep, se_policy=args.se_policy,
                          se_report=se_report, router_rows=args.router_rows, similarity=args.similarity,
                          max_cluster_size=args.max_cluster_size, similarity_tokens=args.similarity_tokens,
@@ -229,11 +225,7 @@ def cmd_eval(args):
         import torch
 
         torch.set_num_threads(args.threads)
-    from .eval.run import default_out
-    from .models.checkpoint import resolve_model
-
-    path = resolve_model(args.model, allow_pickle=args.allow_pickle)
-    out = Path(args.out) if args.out else default_out(args.model, path)
+    out = Path(args.out)
     texts = [t.strip() for t in args.text.split(",") if t.strip()] if args.text else None
     if texts:
         from .eval.perplexity import eval_text
@@ -255,13 +247,49 @@ def cmd_push(args):
                     token_env=args.token_env, eval_file=args.eval, base_model=args.base_model, license=args.license)
 
 
+def _name(args) -> str:
+    return Path(args.model).name or "model"
+
+
+# Default output folder of each command, given (args, the resolved model folder): validate.check_args fills in
+# args.out with it, then checks it, before any model work.
+DEFAULT_OUT = {
+    "detect": lambda a, path: f"checkpoints/{_name(a)}-se-report",
+    "ablate": lambda a, path: f"checkpoints/{_name(a)}-ablation",
+    "quantize": lambda a, path: f"checkpoints/{_name(a)}-w{a.bits}-{a.method}",
+    "prune": lambda a, path: (f"checkpoints/{_name(a)}-zero" if a.zero else
+                              f"checkpoints/{_name(a)}-prune-{a.criterion}-{a.se_policy}-{_size_label(a)}"),
+    "merge": lambda a, path: f"checkpoints/{_name(a)}-merge-{a.se_policy}-{_size_label(a)}",
+    "eval": lambda a, path: _eval_out(a, path),
+    "compare": lambda a, path: f"checkpoints/compare-{_model_label(a.model)}",
+}
+
+
+def _eval_out(args, path):
+    from .eval.run import default_out
+
+    return default_out(args.model, path)
+
+
+def _model_label(model):
+    from .compare import model_label
+
+    return model_label(model)
+
+
+def _outputs(p, command, kind):
+    """kind: 'checkpoint' (replaced whole, --force) or 'report' (files written into the folder): output.py."""
+    p.set_defaults(output_kind=kind, default_out=DEFAULT_OUT[command])
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(prog="se-compress", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--nproc", type=int, default=None, metavar="N",
+    parser = OneLineParser(prog="se-compress", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--nproc", type=positive_int, default=None, metavar="N",
                         help="run detect/quantize/compress in N processes (GPUs) through torchrun's launcher; the "
                              "same as `torchrun --nproc-per-node N -m se_compress COMMAND ...`")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add = sub.add_parser
+    sub.add_parser = lambda *a, **k: _add(*a, formatter_class=HelpFormatter, **k)  # defaults shown in every --help
     p = sub.add_parser("detect", help="find the Super Experts of a model; writes se_report.json/.md and plots",
                        description="Run calibration text through the model one decoder layer at a time, measure every "
                                    "expert's max |down_proj output| over every routed token, and apply the paper's rule.")
@@ -274,6 +302,7 @@ def build_parser():
                    help="repeat detection over seeds, both shipped calibration sets and smaller token budgets")
     _device_arg(p)
     p.set_defaults(func=cmd_detect)
+    _outputs(p, "detect", "report")
 
     p = sub.add_parser("ablate", help="the paper's study: perplexity with the SEs zeroed vs as many random experts",
                        description="Zero the Super Experts' down_proj, then as many random non-SE experts (5 seeded "
@@ -282,9 +311,9 @@ def build_parser():
     _model_args(p)
     p.add_argument("--out", help="folder (default checkpoints/<model>-ablation)")
     p.add_argument("--se-report", help="reuse a se_report.json instead of running detection")
-    p.add_argument("--draws", type=int, default=5, help="random draws of each kind")
-    p.add_argument("--eval-seqlen", type=int, default=None, help="perplexity window (default: the model's context, at most 2048)")
-    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows (quick runs)")
+    p.add_argument("--draws", type=positive_int, default=5, help="random draws of each kind")
+    p.add_argument("--eval-seqlen", type=sequence_length, default=None, help="perplexity window (default: the model's context, at most 2048)")
+    p.add_argument("--max-windows", type=positive_int, default=None, help="evaluate only the first N windows (quick runs; default: all)")
     p.add_argument("--text", default="wikitext2",
                    help="perplexity text: wikitext2 (WikiText-2 test, the paper's set), books (the default model's "
                         "held-out books, its in-domain text) or a UTF-8 text file")
@@ -292,6 +321,7 @@ def build_parser():
     _criterion_args(p)
     _device_arg(p)
     p.set_defaults(func=cmd_ablate)
+    _outputs(p, "ablate", "report")
 
     p = sub.add_parser("compress", help="run a recipe: detect, compress, write, evaluate against the naive twin",
                        description="Run a recipe from recipes/ (or a YAML file): one detection pass, the stages in order, "
@@ -300,7 +330,8 @@ def build_parser():
     p.add_argument("--recipe", required=True, help="recipe name in recipes/ or a path to a YAML file")
     p.add_argument("--model", default=None, help="checkpoint folder, Hub id or 'default' (default: the recipe's, else the shipped model)")
     p.add_argument("--out", default=None, help="output folder (default checkpoints/<model>-<recipe>)")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder that se_compress wrote "
+                   "(any other folder or file is never replaced)")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation beside the base model and naive twins")
     _device_arg(p)
     p.set_defaults(func=cmd_compress)
@@ -315,17 +346,18 @@ def build_parser():
     p.add_argument("--model", default="default", help="checkpoint folder, Hub id or 'default' (the shipped model)")
     p.add_argument("--out", default=None, help="folder for the table (default checkpoints/compare-<model>)")
     p.add_argument("--tasks", default=None, help="comma list of evaluations (default: the first recipe's)")
-    p.add_argument("--limit", type=int, default=None, help="at most N examples per lm-eval task")
-    p.add_argument("--max-windows", type=int, default=None, help="only the first N perplexity windows")
+    p.add_argument("--limit", type=positive_int, default=None, help="at most N examples per lm-eval task (default: the first recipe's)")
+    p.add_argument("--max-windows", type=positive_int, default=None, help="only the first N perplexity windows (default: the first recipe's)")
     _device_arg(p)
-    p.set_defaults(func=cmd_compare)
+    p.set_defaults(func=cmd_compare, checks_model=True)
+    _outputs(p, "compare", "report")
 
     p = sub.add_parser("train-default", help="retrain the shipped default model (--preset v2: ~200 s on one H200 GPU, "
                                              "hours on a CPU; see README)",
                        description="Arguments after train-default go to the trainer, e.g. `se-compress train-default -- "
                                    "--preset v2 --data ../shared/data/train-text --out build/train-v2`; see "
                                    "`se-compress train-default -- --help`.")
-    p.add_argument("train_args", nargs=argparse.REMAINDER)
+    p.add_argument("train_args", nargs=argparse.REMAINDER, help="the trainer's options (see -- --help)")
     p.set_defaults(func=cmd_train_default)
 
     p = sub.add_parser("quantize", help="RTN/GPTQ int2/3/4/8 with Super Expert policies; compressed-tensors output",
@@ -334,13 +366,15 @@ def build_parser():
                                    "unquantized. Writes the checkpoint, compression_report.json and a model card.")
     _model_args(p)
     p.add_argument("--out", help="output folder (default checkpoints/<model>-w<bits>-<method>)")
-    p.add_argument("--method", choices=["rtn", "gptq"], default="gptq")
-    p.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8])
-    p.add_argument("--group-size", default="128", help="weights per scale: 32, 64, 128..., or 'channel' (one per row)")
+    p.add_argument("--method", choices=["rtn", "gptq"], default="gptq",
+                   help="round-to-nearest, or GPTQ (error feedback from calibration Hessians)")
+    p.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8], help="bits per quantized weight")
+    p.add_argument("--group-size", type=group_size, default="128",
+                   help="weights per scale: 32, 64, 128..., or 'channel' (one per row)")
     p.add_argument("--asymmetric", action="store_true", help="asymmetric ranges with zero points (fake-quant only for experts)")
     p.add_argument("--se-policy", default="noclip,calib",
                    help="comma list of noclip, calib, layer, keep; or none (naive). See `compression_report.json`")
-    p.add_argument("--layer-bits", type=int, default=None, help="bits of the experts of SE layers for --se-policy layer (default 8; 16 = bf16)")
+    p.add_argument("--layer-bits", type=positive_int, default=None, help="bits of the experts of SE layers for --se-policy layer (default 8; 16 = bf16)")
     p.add_argument("--format", choices=["pack-quantized", "fake-quant"], default="pack-quantized",
                    help="compressed-tensors packed ints (vLLM, transformers) or dequantized weights (evaluation)")
     p.add_argument("--clip-search", action="store_true", help="MSE grid search of clip ratios per group (never on SE experts with noclip)")
@@ -349,10 +383,12 @@ def build_parser():
     p.add_argument("--expert-calibration", choices=["all", "routed"], default="all",
                    help="GPTQ expert Hessians from every token (all) or the routed tokens only (RTN below 0.5%% coverage)")
     p.add_argument("--se-report", help="se_report.json (or its folder) from se-compress detect; default: detect first")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder that se_compress wrote "
+                   "(any other folder or file is never replaced)")
     _calib_args(p)
     _device_arg(p)
     p.set_defaults(func=cmd_quantize)
+    _outputs(p, "quantize", "checkpoint")
     p = sub.add_parser("prune", help="remove routed experts (same count per layer), never a Super Expert; or --zero",
                        description="Remove --fraction or --keep routed experts per MoE layer by a saliency criterion "
                                    "measured with real routing; --se-policy protect never removes a Super Expert. "
@@ -361,17 +397,19 @@ def build_parser():
                                    "down_proj of the given experts and keeps every shape (the SE paper's ablation).")
     _model_args(p)
     p.add_argument("--out", help="output folder (default checkpoints/<model>-prune-<criterion>-<policy>-<size>)")
-    p.add_argument("--fraction", type=float, help="share of the routed experts removed from each MoE layer, e.g. 0.25")
-    p.add_argument("--keep", type=int, help="routed experts kept per MoE layer")
+    p.add_argument("--fraction", type=open_fraction, help="share of the routed experts removed from each MoE layer, e.g. 0.25")
+    p.add_argument("--keep", type=positive_int, help="routed experts kept per MoE layer")
     p.add_argument("--criterion", default="reap", help="frequency (routing count), reap (routing weight x output norm, "
                    "mean over routed tokens), ean (summed output norm) or random (seeded)")
     p.add_argument("--se-policy", default="protect", help="protect (never remove a Super Expert) or none (naive)")
     p.add_argument("--zero", help="instead of pruning: zero down_proj of L:E,... (E may be 'shared'), 'se' or 'random:K'")
     p.add_argument("--se-report", help="se_report.json (or its folder): its SEs and per-expert statistics; no calibration pass")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder that se_compress wrote "
+                   "(any other folder or file is never replaced)")
     _calib_args(p)
     _device_arg(p)
     p.set_defaults(func=cmd_prune)
+    _outputs(p, "prune", "checkpoint")
 
     p = sub.add_parser("merge", help="merge routed experts by output similarity into fewer; SEs stay alone",
                        description="Cluster each MoE layer's experts by the similarity of their outputs on calibration "
@@ -380,22 +418,24 @@ def build_parser():
                                    "Super Expert alone. Writes a smaller standard checkpoint.")
     _model_args(p)
     p.add_argument("--out", help="output folder (default checkpoints/<model>-merge-<policy>-<size>)")
-    p.add_argument("--fraction", type=float, help="share of the routed experts merged away in each MoE layer, e.g. 0.25")
-    p.add_argument("--keep", type=int, help="routed experts per MoE layer after merging")
+    p.add_argument("--fraction", type=open_fraction, help="share of the routed experts merged away in each MoE layer, e.g. 0.25")
+    p.add_argument("--keep", type=positive_int, help="routed experts per MoE layer after merging")
     p.add_argument("--se-policy", default="singleton", help="singleton (each Super Expert its own cluster) or none (naive)")
     p.add_argument("--router-rows", default="frequency",
                    help="merged router row: frequency (routing-frequency-weighted mean of the rows) or dominant "
                         "(row of the most used member)")
     p.add_argument("--similarity", default="outputs", help="outputs (cosine of the experts' outputs on the same "
                    "tokens) or mean (cosine of their mean outputs, HC-SMoE's feature)")
-    p.add_argument("--max-cluster-size", type=int, default=None,
+    p.add_argument("--max-cluster-size", type=non_negative_int, default=None,
                    help="largest cluster (default: balanced, ceil(experts / clusters); 0: no limit)")
-    p.add_argument("--similarity-tokens", type=int, default=512, help="calibration tokens per layer for the similarity")
+    p.add_argument("--similarity-tokens", type=positive_int, default=512, help="calibration tokens per layer for the similarity")
     p.add_argument("--se-report", help="se_report.json (or its folder) whose SE set to use (the pass still runs)")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder that se_compress wrote "
+                   "(any other folder or file is never replaced)")
     _calib_args(p)
     _device_arg(p)
     p.set_defaults(func=cmd_merge)
+    _outputs(p, "merge", "checkpoint")
     p = sub.add_parser("eval", help="perplexity, lm-eval tasks (offline copies shipped), attention sink, repetition",
                        description="WikiText-2 perplexity (GPTQ convention, streamed), lm-eval-harness tasks through its "
                                    "Python API (ARC-Easy/Challenge, PIQA, WinoGrande, a GSM8K subset: shipped data, no "
@@ -408,20 +448,21 @@ def build_parser():
     p.add_argument("--text", default=None,
                    help="perplexity text(s), comma list: wikitext2, books (the default model's held-out books) or a "
                         "UTF-8 text file; replaces the perplexity entries of --tasks (default: those in --tasks)")
-    p.add_argument("--limit", type=int, default=None, help="at most N examples per lm-eval task (quick runs)")
+    p.add_argument("--limit", type=positive_int, default=None, help="at most N examples per lm-eval task (quick runs; default: all)")
     p.add_argument("--out", help="folder for eval.json/eval.md (default <checkpoint>/eval, checkpoints/default-eval)")
-    p.add_argument("--seqlen", type=int, default=None, help="perplexity window (default: the model's context, at most 2048)")
-    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N perplexity windows")
-    p.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size")
+    p.add_argument("--seqlen", type=sequence_length, default=None, help="perplexity window (default: the model's context, at most 2048)")
+    p.add_argument("--max-windows", type=positive_int, default=None, help="evaluate only the first N perplexity windows (default: all)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="lm-eval batch size")
     p.add_argument("--task-source", choices=["auto", "local", "hub"], default="auto",
                    help="arc/piqa/winogrande/gsm8k from the shipped copies (local), lm-eval's Hub datasets (hub), or "
                         "the Hub when it answers, else the shipped copies (auto)")
     p.add_argument("--baseline", help="eval.json (or its folder) of the model this one was made from: adds D_sink")
     p.add_argument("--label", help="name of this model in tables (default: the folder name)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads for torch (on a machine busy with other jobs, 1 can be many times faster)")
     _device_arg(p)
     p.set_defaults(func=cmd_eval)
+    _outputs(p, "eval", "report")
 
     p = sub.add_parser("push", help="write the model card, then upload the checkpoint to the Hugging Face Hub",
                        description="Writes README.md (Hub metadata: base_model, base_model_relation for quantized "
@@ -441,34 +482,80 @@ def build_parser():
     return parser
 
 
+class _InterruptFlag:
+    """Ctrl-C raises KeyboardInterrupt as usual, and is remembered: native code (safetensors, torch) can turn the
+    KeyboardInterrupt it is handed into another exception type, which must still read as an interruption."""
+
+    def __init__(self):
+        self.hit = False
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        import signal
+
+        self.hit = True
+        signal.default_int_handler(signum, frame)
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        return False
+
+
+def _one_line(exc: BaseException, interrupted: bool) -> int:
+    """The exit status for an exception, after printing it as one line; anything unexpected is re-raised."""
+    if isinstance(exc, KeyboardInterrupt) or interrupted:
+        # a progress bar is usually mid-line when Ctrl-C comes: the error starts a line of its own
+        print("\nerror: interrupted; nothing was left half-written (outputs go through a temporary folder)", file=sys.stderr)
+        return 130
+    if isinstance(exc, SECompressError):
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if isinstance(exc, OSError):  # late: disk full, a folder made read-only meanwhile; outputs stay in temporary folders
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"error: could not read or write{where}: {exc.strerror or exc}; nothing that looks complete was left",
+              file=sys.stderr)
+        return 2
+    if isinstance(exc, SystemExit):  # the trainer's own argparse (train-default -- --help)
+        return exc.code if isinstance(exc.code, int) else 2
+    raise exc
+
+
 def main(argv=None):
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a bad option (2, one line: validate.OneLineParser)
+        return exc.code
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    if args.nproc is not None and not os.environ.get("RANK"):
-        rest = list(sys.argv[1:] if argv is None else argv)
-        at = next(i for i, a in enumerate(rest) if a.startswith("--nproc"))
-        del rest[at: at + (1 if "=" in rest[at] else 2)]
+    with _InterruptFlag() as flag:
         try:
-            return distributed.launch(args.nproc, rest)
-        except SECompressError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-    try:
-        from .models.placement import use_device
+            check_args(args)  # every option and input, before any model work (validate.py)
+            if args.nproc is not None and not os.environ.get("RANK"):
+                rest = list(sys.argv[1:] if argv is None else argv)
+                at = next(i for i, a in enumerate(rest) if a.startswith("--nproc"))
+                del rest[at: at + (1 if "=" in rest[at] else 2)]
+                return distributed.launch(args.nproc, rest)
+            from .models.placement import use_device
 
-        device = getattr(args, "device", None)
-        with distributed.session(args.command, device):  # torchrun: join the group; a failed rank ends every rank
-            with use_device(distributed.device_spec(device)):  # one placement for the whole command (placement.py)
-                args.func(args)
-    except SECompressError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was left half-written (outputs go through a temporary folder)", file=sys.stderr)
-        return 130
+            device = getattr(args, "device", None)
+            with distributed.session(args.command, device):  # torchrun: join the group; a failed rank ends every rank
+                with use_device(distributed.device_spec(device)):  # one placement for the whole command (placement.py)
+                    args.func(args)
+        except BaseException as exc:  # noqa: BLE001: _one_line re-raises what it does not know
+            return _one_line(exc, flag.hit)
     return 0
 
 

@@ -140,11 +140,11 @@ def evaluated_rows(model: str, recipes: list[str], options: EvaluateOptions, pro
 
 
 def write_table(table: dict, out: Path) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.json").write_text(json.dumps(table, indent=2, default=str))
-    (out / "compare.md").write_text(markdown(table))
-    plot(table, out / "compare.png")
-    return out
+    """compare.json/.md/.png into `out`, never half-written (se_compress/output.py)."""
+    from .output import write_files_into
+
+    return write_files_into(out, {"compare.json": json.dumps(table, indent=2, default=str), "compare.md": markdown(table)},
+                            writers=[lambda folder: plot(table, folder / "compare.png")])
 
 
 def compare(recipes: list[str], model: str = "default", out: Path | None = None, tasks: list[str] | None = None,
@@ -266,9 +266,16 @@ def plot(table: dict, path: Path) -> None:
         if pair not in labelled:
             labelled.add(pair)
             ax.annotate(pair, (r["size_mb"], ppl), fontsize=8, xytext=(6, -3), textcoords="offset points")
+    base = next((_metric(r, f"{text}_ppl") for r in table["rows"] if r["recipe"] == "base"), None)
+    if base:
+        ax.axhline(base, color="black", linestyle=":", linewidth=1)
+        # The results often differ by fractions of a percent: a linear axis fitted to them shows it (a log axis
+        # over a 0.2% range is a flat line), and the right axis reads the same points as a change against the base.
+        right = ax.secondary_yaxis("right", functions=(lambda p: (p / base - 1) * 100, lambda d: base * (1 + d / 100)))
+        right.set_ylabel("vs base (%)")
     ax.set_xlabel("size on disk (MiB)")
-    ax.set_ylabel(f"{PPL_LABELS[text]} (log, lower is better)")
-    ax.set_yscale("log")
+    ax.set_ylabel(f"{PPL_LABELS[text]} (lower is better)")
+    ax.ticklabel_format(axis="y", style="plain", useOffset=False)
     ax.set_title(f"Quality against size on {table['model']} (o quantize, ^ prune, D merge)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="center right")

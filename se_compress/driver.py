@@ -3,7 +3,8 @@ atomically, then evaluation beside the base model and the naive twin(s) (compare
 
 Kill-safety: every stage, and the evaluation of the result, writes into a hidden work folder next to the output
 (`.<out>.work/`), and only the finished, evaluated result is renamed to the output name. A re-run after a kill
-starts clean; an existing output is refused unless --force; the input model is never written to.
+starts clean; an existing output is replaced only with --force and only when se_compress wrote it
+(se_compress/output.py); the input model is never written to.
 """
 import hashlib
 import json
@@ -19,6 +20,8 @@ from .detect.rule import Criterion
 from .errors import SECompressError
 from .export.writer import check_output_path
 from .models.checkpoint import resolve_model
+from .output import replace_folder
+from .validate import check_model
 from .recipe import Recipe, load_recipe
 
 
@@ -112,7 +115,7 @@ def compress(recipe_name: str, model: str | None = None, out: str | None = None,
 
 def _compress(recipe, model, out, force, progress, evaluate) -> Path:
     model = model or recipe.model or "default"
-    src = resolve_model(model)
+    src, _ = check_model(model)  # config.json, architecture, whole weights: before any work
     out = Path(out) if out else default_output(model, recipe)
     check_output_path(src, out, force)
     if evaluate and recipe.evaluate.tasks:
@@ -161,9 +164,7 @@ def _compress(recipe, model, out, force, progress, evaluate) -> Path:
             write_table(table, final)
             if progress:
                 print("\n" + markdown(table), flush=True)
-        if out.exists():  # only with --force (checked above)
-            shutil.rmtree(out)
-        final.rename(out)
+        replace_folder(final, out)  # an existing output (ours, --force: checked above) goes only now
     finally:
         if dist.is_main():
             shutil.rmtree(work, ignore_errors=True)

@@ -26,12 +26,9 @@ def load_text(name_or_file: str) -> tuple[str, str]:
         return SHIPPED[name_or_file].read_text(encoding="utf-8"), f"shipped:{name_or_file}"
     path = Path(name_or_file).expanduser()
     if path.exists():
-        if path.is_dir():
-            raise SECompressError(f"calibration path {path} is a folder: pass a text file")
-        text = path.read_text(encoding="utf-8", errors="replace")
-        if not text.strip():
-            raise SECompressError(f"calibration file {path} is empty: pass a text file with some content")
-        return text, str(path)
+        from ..validate import check_text_file
+
+        return check_text_file(path), str(path)  # UTF-8, printable, not empty: random bytes are not calibration
     if "/" in name_or_file and not name_or_file.startswith((".", "/", "~")):
         return _hub_dataset_text(name_or_file), f"hub:{name_or_file}"
     raise SECompressError(

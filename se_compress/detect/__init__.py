@@ -1,6 +1,4 @@
 """Super Expert detection: calibration -> one statistics pass -> the paper's rule -> report and plots."""
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -131,24 +129,14 @@ def detect(model: str, calib: str = "wikitext2", samples: int = 64, seqlen: int 
 
 
 def write_report(report: dict, out: Path, plots: bool = True) -> Path:
-    """Write se_report.json/.md and plots into `out`, through a temporary folder (never a half-written report)."""
-    from .report import write_json, write_markdown, write_plots
+    """Write se_report.json/.md and plots into `out`, each file renamed over the old one only when complete (never a
+    half-written report; a folder se_compress did not write is refused: se_compress/output.py)."""
+    import json
 
-    out = Path(out)
+    from ..output import write_files_into
+    from .report import markdown, write_plots
+
     if not dist.is_main():
-        return out  # torchrun: rank 0 writes
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".se_report-", dir=out.parent))
-    try:
-        write_json(report, tmp / "se_report.json")
-        write_markdown(report, tmp / "se_report.md")
-        if plots:
-            write_plots(report, tmp)
-        out.mkdir(exist_ok=True)
-        for f in tmp.iterdir():
-            f.replace(out / f.name)
-    except OSError as exc:
-        raise SECompressError(f"could not write the report to {out}: {exc.strerror} (free space or pick another --out)") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+        return Path(out)  # torchrun: rank 0 writes
+    return write_files_into(out, {"se_report.json": json.dumps(report, indent=2), "se_report.md": markdown(report)},
+                            writers=[lambda folder: write_plots(report, folder)] if plots else [])

@@ -13,7 +13,16 @@ def _label(expert) -> str:
     return "shared" if expert == "shared" else str(expert)
 
 
+def expert_name(layer, expert) -> str:
+    """'L3 E17' (or 'L3 shared'): never a decimal-looking '3.17'."""
+    return f"L{layer} " + ("shared" if expert == "shared" else f"E{expert}")
+
+
 def write_markdown(report: dict, path: Path) -> None:
+    path.write_text(markdown(report))
+
+
+def markdown(report: dict) -> str:
     c, th = report["criterion"], report["thresholds"]
     cal = report["calibration"]
     lines = [
@@ -53,13 +62,14 @@ def write_markdown(report: dict, path: Path) -> None:
         lines.append(f"| {h['layer']} | {h['max']:.4g} | {h['median']:.3g} | {h['ratio']:.0f} | {h['first_token_max']:.4g} | "
                      f"{h['other_token_max']:.4g} | {top['channel']} | `{top['token']!r}` (pos {top['position']}) |")
     lines += ["", "Plots: `se_heatmap.png` (a(l,e), log scale, SEs circled), `se_top_experts.png`, `massive_activations.png`."]
-    path.write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 def write_plots(report: dict, out: Path) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.patches
     import matplotlib.pyplot as plt
 
     num_layers, num_experts = report["num_layers"], report["num_experts"]
@@ -69,16 +79,37 @@ def write_plots(report: dict, out: Path) -> list[str]:
         col = num_experts if e["expert"] == "shared" else e["expert"]
         if e["count"] > 0:  # experts no token reached stay NaN: drawn grey, kept out of the colour scale
             grid[e["layer"], col] = max(e["max_output"], 1e-6)
-    fig, ax = plt.subplots(figsize=(min(18, 4 + width * 0.12), min(12, 2 + num_layers * 0.3)))
+    th, crit = report["thresholds"], report["criterion"]
+    thresholds = [(th.get("quantile_value"), f"P{crit['quantile'] * 100:g}", "white"),
+                  (th.get("fraction_value"), f"max/{1 / crit['max_fraction']:g}", "red")]
+    fig, ax = plt.subplots(figsize=(min(18, 5 + width * 0.12), min(12, 2.6 + num_layers * 0.3)))
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgray")
     im = ax.imshow(np.log10(grid), aspect="auto", cmap=cmap, interpolation="nearest")
-    fig.colorbar(im, ax=ax, label="log10 max |down_proj output|")
+    cbar = fig.colorbar(im, ax=ax, label="log10 max |down_proj output|")
+    for value, name, color in thresholds:  # the rule's two thresholds, read against the colour scale
+        if value:
+            cbar.ax.axhline(np.log10(value), color=color, linewidth=2)
+            cbar.ax.text(-0.2, np.log10(value), name, transform=cbar.ax.get_yaxis_transform(), fontsize=7,
+                         va="center", ha="right", color="black", clip_on=False)
+    above = [e for e in report["experts"] if th.get("fraction_value") and e["max_output"] > th["fraction_value"]
+             and (th.get("quantile_value") is None or e["max_output"] > th["quantile_value"])]
+    for e in above:  # above both thresholds: a box; Super Experts (also in a considered layer): a red circle
+        col = num_experts if e["expert"] == "shared" else e["expert"]
+        ax.add_patch(matplotlib.patches.Rectangle((col - 0.5, e["layer"] - 0.5), 1, 1, fill=False, edgecolor="white",
+                                                  linewidth=1))
     for s in report["super_experts"]:
         col = num_experts if s["expert"] == "shared" else s["expert"]
         ax.scatter([col], [s["layer"]], s=120, facecolors="none", edgecolors="red", linewidths=2)
+    considered = set(report["considered_layers"])
+    for layer in range(num_layers):
+        if layer not in considered:  # the rule does not look at these layers: hatched
+            ax.add_patch(matplotlib.patches.Rectangle((-0.5, layer - 0.5), width, 1, fill=False, hatch="//",
+                                                      edgecolor="white", linewidth=0, alpha=0.5))
     ax.set_xlabel("expert" + (" (last column: shared)" if report["has_shared_expert"] else "") + "; grey: no token routed")
-    ax.set_ylabel("layer")
-    ax.set_title(f"Max |down_proj output| per expert, {report['model']} (red: Super Experts)")
+    ax.set_ylabel("layer (hatched: not considered by the rule)")
+    note = "; ".join(f"{name} = {value:.4g}" for value, name, _ in thresholds if value)
+    ax.set_title(f"Max |down_proj output| per expert, {report['model']}\n(red circle: Super Expert; white box: above "
+                 f"both thresholds: {note})", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "se_heatmap.png", dpi=110)
     plt.close(fig)
@@ -88,31 +119,39 @@ def write_plots(report: dict, out: Path) -> list[str]:
     se_keys = {(s["layer"], s["expert"]) for s in report["super_experts"]}
     colors = ["tab:red" if (e["layer"], e["expert"]) in se_keys else "tab:blue" for e in top]
     ax.bar(range(len(top)), [e["max_output"] for e in top], color=colors)
-    ax.set_xticks(range(len(top)), [f"{e['layer']}.{_label(e['expert'])}" for e in top], rotation=60, fontsize=8)
+    ax.set_xticks(range(len(top)), [expert_name(e["layer"], e["expert"]) for e in top], rotation=60, fontsize=8)
     ax.set_yscale("log")
-    th = report["thresholds"]
-    for value, name in [(th["quantile_value"], f"P{report['criterion']['quantile'] * 100:g}"), (th["fraction_value"], "max/10")]:
+    for (value, name, _), color in zip(thresholds, ["tab:green", "tab:orange"]):
         if value:
-            ax.axhline(value, linestyle="--", linewidth=1, color="gray")
-            ax.text(len(top) - 0.5, value, name, ha="right", va="bottom", fontsize=8)
-    ax.set_ylabel("max |down_proj output|")
-    ax.set_title("Top experts (layer.expert; red: Super Experts)")
+            ax.axhline(value, linestyle="--", linewidth=1.2, color=color, label=f"{name} = {value:.4g}")
+    ax.legend(fontsize=8, loc="upper right")
+    ax.set_ylabel("max |down_proj output| (log)")
+    ax.set_title("Top experts (red: Super Experts: above both thresholds, in a considered layer)")
     fig.tight_layout()
     fig.savefig(out / "se_top_experts.png", dpi=110)
     plt.close(fig)
 
     hs = report["hidden_states"]
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
     layers = [h["layer"] for h in hs]
-    ax.plot(layers, [h["max"] for h in hs], "o-", label="max |h|")
-    ax.plot(layers, [h["first_token_max"] for h in hs], "s--", label="max |h| at the first token")
-    ax.plot(layers, [h["median"] for h in hs], "^-", label="median |h|")
+    # max |h| and the first-token max are often the same numbers (the massive activation sits on token 0): drawn
+    # as a wide pale line with open markers under a thin line with small filled ones, both stay visible.
+    ax.plot(layers, [h["max"] for h in hs], "o-", color="tab:blue", linewidth=5, alpha=0.35, markersize=11,
+            markerfacecolor="none", label="max |h| (all tokens)")
+    ax.plot(layers, [h["first_token_max"] for h in hs], "s--", color="tab:red", linewidth=1.2, markersize=4,
+            label="max |h| at the first token")
+    ax.plot(layers, [h["other_token_max"] for h in hs], "v:", color="tab:purple", linewidth=1, markersize=5,
+            label="max |h| at other tokens")
+    ax.plot(layers, [h["median"] for h in hs], "^-", color="tab:green", label="median |h|")
+    ratio = crit["massive_ratio"]
+    ax.plot(layers, [ratio * h["median"] for h in hs], color="tab:orange", linestyle="-.", linewidth=1,
+            label=f"{ratio:g} x median |h| (massive above)")
     for l in report["massive_activation_layers"]:
         ax.axvspan(l - 0.4, l + 0.4, color="orange", alpha=0.15)
     ax.set_yscale("log")
     ax.set_xlabel("layer (output of)")
     ax.set_title("Residual stream: massive activations (shaded: layers considered massive)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "massive_activations.png", dpi=110)
     plt.close(fig)

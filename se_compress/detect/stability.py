@@ -44,8 +44,6 @@ def run_stability(model: str, out: Path, base_calib: str, samples: int, seqlen: 
         smallest = r["tokens"]
     result = {"reference_se": reference, "stable": stable, "smallest_full_budget": smallest,
               "runs": runs, "budget_runs": budget_runs}
-    out = Path(out)
-    (out / "stability.json").write_text(json.dumps(result, indent=2))
     lines = ["# SE stability", "", f"Reference set (calibration {base_calib}, seed {seeds[0]}, {samples} x {seqlen}): "
              f"{reference} (expert -1 = shared).", "",
              f"Across seeds {list(seeds)} and calibration sets {list(calibs)}: **{'stable' if stable else 'changes'}**.",
@@ -54,5 +52,7 @@ def run_stability(model: str, out: Path, base_calib: str, samples: int, seqlen: 
     for r in runs + budget_runs:
         lines.append(f"| {r['calib']} | {r['seed']} | {r['samples']} x {r['seqlen']} | {r['tokens']} | {r['se']} | "
                      f"{'yes' if r['se'] == reference else 'NO'} |")
-    (out / "stability.md").write_text("\n".join(lines) + "\n")
+    from ..output import write_files_into
+
+    write_files_into(Path(out), {"stability.json": json.dumps(result, indent=2), "stability.md": "\n".join(lines) + "\n"})
     return result

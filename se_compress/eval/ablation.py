@@ -4,7 +4,6 @@ attention mass on the first token before and after.
 """
 import json
 import random
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -133,36 +132,44 @@ def ablation_markdown(result: dict) -> str:
 
 
 def write_ablation(result: dict, out: Path) -> Path:
+    """ablation.json, ablation.md and ablation.png into `out`, never half-written (se_compress/output.py)."""
+    from ..output import write_files_into
+
+    return write_files_into(out, {"ablation.json": json.dumps(result, indent=2), "ablation.md": ablation_markdown(result)},
+                            writers=[lambda folder: plot_ablation(result, folder / "ablation.png")])
+
+
+def plot_ablation(result: dict, path: Path) -> None:
+    """Perplexity per condition (linear axis, each bar labelled with its ratio to the base, the base drawn as a
+    line) and attention on the first token per layer."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out) as tmp:
-        tmp = Path(tmp)
-        (tmp / "ablation.json").write_text(json.dumps(result, indent=2))
-        (tmp / "ablation.md").write_text(ablation_markdown(result))
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-        names = ["base", "SEs"] + [f"rand{i}" for i in range(len(result["random_ppl"]))] + \
-                [f"match{i}" for i in range(len(result["layer_matched_ppl"]))]
-        values = [result["base_ppl"], result["se_ppl"]] + result["random_ppl"] + result["layer_matched_ppl"]
-        colors = ["gray", "tab:red"] + ["tab:blue"] * len(result["random_ppl"]) + ["tab:cyan"] * len(result["layer_matched_ppl"])
-        ax1.bar(names, values, color=colors)
-        ax1.set_ylabel(f"perplexity ({result['eval'].get('text', 'wikitext2')})")
-        ax1.set_title("Zeroing Super Experts vs as many random experts")
-        ax1.tick_params(axis="x", rotation=60)
-        sink = result["sink_attention"]
-        for key, style in [("base", "o-"), ("se_zeroed", "s--"), ("random_zeroed", "^:")]:
-            ax2.plot(range(len(sink[key])), sink[key], style, label=key)
-        ax2.set_xlabel("layer")
-        ax2.set_ylabel("attention on the first token")
-        ax2.set_title("Attention sink")
-        ax2.legend()
-        fig.tight_layout()
-        fig.savefig(tmp / "ablation.png", dpi=110)
-        plt.close(fig)
-        for f in tmp.iterdir():
-            f.replace(out / f.name)
-    return out
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    names = ["base", "SEs"] + [f"rand{i}" for i in range(len(result["random_ppl"]))] + \
+            [f"match{i}" for i in range(len(result["layer_matched_ppl"]))]
+    values = [result["base_ppl"], result["se_ppl"]] + result["random_ppl"] + result["layer_matched_ppl"]
+    colors = ["gray", "tab:red"] + ["tab:blue"] * len(result["random_ppl"]) + ["tab:cyan"] * len(result["layer_matched_ppl"])
+    bars = ax1.bar(names, values, color=colors)
+    base = result["base_ppl"]
+    for bar, value in zip(bars, values):
+        ax1.annotate(f"x{value / base:.3f}", (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom",
+                     fontsize=7, rotation=90, xytext=(0, 2), textcoords="offset points")
+    ax1.axhline(base, color="gray", linestyle="--", linewidth=1, label=f"base {base:.2f}")
+    ax1.set_ylim(0, max(values) * 1.15)
+    ax1.set_ylabel(f"perplexity ({result['eval'].get('text', 'wikitext2')}; labels: x base)")
+    ax1.set_title("Zeroing Super Experts vs as many random experts")
+    ax1.tick_params(axis="x", rotation=60)
+    ax1.legend(fontsize=8, loc="lower right")
+    sink = result["sink_attention"]
+    for key, style, size in [("base", "o-", 8), ("se_zeroed", "s--", 6), ("random_zeroed", "^:", 4)]:
+        ax2.plot(range(len(sink[key])), sink[key], style, markersize=size, label=key, alpha=0.85)
+    ax2.set_xlabel("layer")
+    ax2.set_ylabel("attention on the first token")
+    ax2.set_title("Attention sink")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -59,12 +59,9 @@ def eval_text(spec: str) -> EvalText:
     path = Path(spec).expanduser()
     if not path.is_file():
         raise SECompressError(f"--text '{spec}' is neither wikitext2, books nor a text file: use one of those")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (UnicodeDecodeError, OSError) as exc:
-        raise SECompressError(f"--text {path} cannot be read as UTF-8 text ({type(exc).__name__}): pass a plain text file") from None
-    if not text.strip():
-        raise SECompressError(f"--text {path} is empty: pass a text file with some content")
+    from ..validate import check_text_file
+
+    text = check_text_file(path, what="--text file")  # UTF-8, printable, not empty: one line otherwise
     return EvalText(f"file:{path.name}", f"text file {path}", text)
 
 

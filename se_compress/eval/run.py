@@ -13,7 +13,6 @@ reader builds the same model with dequantized weights, and eval.json says so. lm
 import json
 import logging
 import platform
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -376,15 +375,10 @@ def eval_markdown(result: dict) -> str:
 
 
 def write_eval(result: dict, out: Path) -> Path:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out) as tmp:  # never a half-written eval.json
-        tmp = Path(tmp)
-        (tmp / "eval.json").write_text(json.dumps(result, indent=2))
-        (tmp / "eval.md").write_text(eval_markdown(result))
-        for f in tmp.iterdir():
-            f.replace(out / f.name)
-    return out
+    """eval.json and eval.md into `out`, never half-written (se_compress/output.py)."""
+    from ..output import write_files_into
+
+    return write_files_into(out, {"eval.json": json.dumps(result, indent=2), "eval.md": eval_markdown(result)})
 
 
 def read_eval(path) -> dict:

@@ -2,21 +2,24 @@
 
 - Everything goes to a hidden temporary folder next to the output, renamed to the output name only when
   complete: a killed run never leaves a folder that looks like a finished checkpoint.
-- Never writes into the input model's folder; refuses an existing output unless `force`.
+- Never writes into the input model's folder; replaces only an output se_compress wrote, and only with `force`
+  (se_compress/output.py: any other existing folder or file is refused; the old output is deleted only after the
+  new one is in place).
 - Tensors are written in the input's on-disk layout (per-expert 2-D keys, or fused like gpt-oss), in the
   input's dtype, and sharded like the input (same largest shard size; one file if the input had one).
 - Tokenizer files and generation_config.json are copied; config.json is the (edited) config given.
 """
 import errno
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from ..errors import SECompressError
+from ..output import check_output, ordinary_permissions, replace_folder
 from ..models.adapters import adapter_for
 from ..models.checkpoint import Checkpoint
 from ..models.streaming import LAYERS_PREFIX, _expert_templates
@@ -29,11 +32,7 @@ NOT_COPIED = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.
 
 
 def check_output_path(src: Path, out: Path, force: bool) -> None:
-    src, out = Path(src).resolve(), Path(out).resolve()
-    if out == src or src in out.parents or out in src.parents:
-        raise SECompressError(f"output {out} would overwrite the input model {src}: choose another --out")
-    if out.exists() and not force:
-        raise SECompressError(f"output {out} already exists: choose another --out or pass --force to replace it")
+    check_output(out, inputs=[src], force=force, kind="checkpoint")
 
 
 class CheckpointWriter:
@@ -124,17 +123,20 @@ class CheckpointWriter:
             return
         path = self.tmp / f"shard-{len(self.shards):05d}.safetensors"
         self._guard(lambda: save_file(self.pending, str(path), metadata={"format": "pt"}))
+        ordinary_permissions(path)  # safetensors creates its files 0600
         self.shards.append((path, list(self.pending)))
         self.pending, self.pending_bytes = {}, 0
 
     def _guard(self, write):
         try:
             return write()
-        except OSError as exc:
+        except (OSError, SafetensorError) as exc:  # safetensors reports a failed write as its own error type
             self.abort()
-            if exc.errno == errno.ENOSPC:
-                raise SECompressError(f"out of disk space writing {self.out}: free space or choose another --out") from None
-            raise SECompressError(f"could not write {self.out}: {exc.strerror}") from None
+            if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "(os error 28)" in str(exc):
+                raise SECompressError(f"out of disk space writing {self.out}: free space or choose another --out; "
+                                      f"nothing was written") from None
+            reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0].split("I/O error: ")[-1]
+            raise SECompressError(f"could not write {self.out}: {reason}; nothing was written") from None
 
     def finish(self, extra_files: dict[str, str] | None = None) -> Path:
         self._flush()
@@ -149,18 +151,17 @@ class CheckpointWriter:
             size = sum((self.tmp / f).stat().st_size for f in set(weight_map.values()))
             index = {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}
             (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        for f in self.src.path.iterdir():
-            if f.is_file() and f.suffix in COPY_SUFFIXES and f.name not in NOT_COPIED and not f.name.startswith("."):
-                shutil.copy2(f, self.tmp / f.name)
-        self.config.to_json_file(self.tmp / "config.json")
-        for name, text in (extra_files or {}).items():
-            self._guard(lambda: (self.tmp / name).write_text(text))
-        if self.out.exists():  # only with force (checked at start)
-            trash = self.out.parent / f".{self.out.name}.old"
-            shutil.rmtree(trash, ignore_errors=True)
-            self.out.rename(trash)
-            shutil.rmtree(trash)
-        os.replace(self.tmp, self.out)
+        def rest():
+            for f in self.src.path.iterdir():
+                if f.is_file() and f.suffix in COPY_SUFFIXES and f.name not in NOT_COPIED and not f.name.startswith("."):
+                    shutil.copy2(f, self.tmp / f.name)
+            self.config.to_json_file(self.tmp / "config.json")
+            for name, text in (extra_files or {}).items():
+                (self.tmp / name).write_text(text)
+            # An existing output (ours, with force: checked at start) is deleted only once this one is in place.
+            replace_folder(self.tmp, self.out)
+
+        self._guard(rest)
         return self.out
 
     def abort(self) -> None:

@@ -94,9 +94,16 @@ class Checkpoint:
                     for key in handle.keys():
                         self.weight_map[key] = f
         else:
+            from ..validate import check_pickle_file
+
             self._pickled = {}
             for f in self.files:
-                state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                check_pickle_file(f)  # any other pickle: one line, never handed to torch.load
+                try:
+                    state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                except Exception as exc:  # noqa: BLE001: torch raises many types for a file it cannot read
+                    raise SECompressError(f"cannot read {f} as PyTorch weights ({type(exc).__name__}): convert the "
+                                          f"checkpoint to safetensors, or re-download it") from None
                 self._pickled.update(state)
                 self.weight_map.update({k: f for k in state})
         self._handles = {}
@@ -116,6 +123,9 @@ class Checkpoint:
     def config(self):
         from transformers import AutoConfig
 
+        from ..validate import read_config
+
+        read_config(self.path)  # bad JSON or an architecture se_compress has no adapter for: our one line, first
         try:
             return AutoConfig.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
         except ValueError as exc:
