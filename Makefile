@@ -62,11 +62,13 @@ bench-prune-merge:  ## ppl after pruning/merging 25% and 50% of experts, each cr
 BITS ?= 4
 METHOD ?= gptq
 SE_POLICY ?= noclip,calib
+# GROUP: the default model's experts are 32 wide; 128 fits Qwen3-30B-A3B and most published models
+GROUP ?= 32
 
 .PHONY: quantize bench-quant
 
-quantize:  ## RTN/GPTQ int BITS (g128) of MODEL with SE_POLICY; compressed-tensors output
-	$(SE_RUN) quantize $(MODEL) --method $(METHOD) --bits $(BITS) --group-size 128 --se-policy $(SE_POLICY) --calib $(CALIB) $(if $(OUT),--out $(OUT),)
+quantize:  ## RTN/GPTQ int BITS (group GROUP) of MODEL with SE_POLICY; compressed-tensors output
+	$(SE_RUN) quantize $(MODEL) --method $(METHOD) --bits $(BITS) --group-size $(GROUP) --se-policy $(SE_POLICY) --calib $(CALIB) $(if $(OUT),--out $(OUT),)
 
 bench-quant:  ## ppl/size/time: bf16, W4/W3/W2 RTN+GPTQ x SE policy, and GPTQModel 7.6.0 (own venv)
 	$(PYTHON) bench/quant.py --model $(MODEL)

@@ -33,7 +33,7 @@ def parse_args(argv=None):
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
     ap.add_argument("--methods", nargs="+", default=["rtn", "gptq"])
     ap.add_argument("--policies", nargs="+", default=POLICIES)
-    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--group-size", type=int, default=32, help="32: the default model's experts are 32 wide")
     ap.add_argument("--samples", type=int, default=64, help="calibration sequences (GPTQ, detection, GPTQModel)")
     ap.add_argument("--seqlen", type=int, default=256, help="calibration sequence length")
     ap.add_argument("--eval-windows", type=int, default=256, help="perplexity windows (0: all)")
