@@ -542,8 +542,8 @@ def main(argv=None):
         return 0
     with _InterruptFlag() as flag:
         try:
-            check_args(args)  # every option and input, before any model work (validate.py)
             if args.nproc is not None and not os.environ.get("RANK"):
+                check_args(args)  # every option and input, before any process is started (validate.py)
                 rest = list(sys.argv[1:] if argv is None else argv)
                 at = next(i for i, a in enumerate(rest) if a.startswith("--nproc"))
                 del rest[at: at + (1 if "=" in rest[at] else 2)]
@@ -552,6 +552,7 @@ def main(argv=None):
 
             device = getattr(args, "device", None)
             with distributed.session(args.command, device):  # torchrun: join the group; a failed rank ends every rank
+                check_args(args)  # every option and input, before any model work (validate.py)
                 with use_device(distributed.device_spec(device)):  # one placement for the whole command (placement.py)
                     args.func(args)
         except BaseException as exc:  # noqa: BLE001: _one_line re-raises what it does not know
