@@ -369,8 +369,10 @@ def build_parser():
     p.add_argument("--method", choices=["rtn", "gptq"], default="gptq",
                    help="round-to-nearest, or GPTQ (error feedback from calibration Hessians)")
     p.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8], help="bits per quantized weight")
-    p.add_argument("--group-size", type=group_size, default="128",
-                   help="weights per scale: 32, 64, 128..., or 'channel' (one per row)")
+    p.add_argument("--group-size", type=group_size, default="32",
+                   help="weights per scale: 32, 64, 128..., or 'channel' (one per row); one size must divide every expert "
+                        "input width for pack-quantized output: 32 fits the default model's 32-wide experts, 128 the "
+                        "usual choice for Qwen3-30B-A3B and most published models")
     p.add_argument("--asymmetric", action="store_true", help="asymmetric ranges with zero points (fake-quant only for experts)")
     p.add_argument("--se-policy", default="noclip,calib",
                    help="comma list of noclip, calib, layer, keep; or none (naive). See `compression_report.json`")

@@ -69,7 +69,7 @@ class PlantSpec:
     @classmethod
     def with_route(cls, **overrides) -> "PlantSpec":
         """The sink route alone, on the shipped SE plant (`--plant se+route`; with `--init-from`, added to a trained
-        model). Measured, not shipped: bench/results/plant_variants/."""
+        model). Measured on v1, not shipped: bench/results/v1/plant_variants/."""
         return cls(**{**overrides, "sink_from_layer": 2, "bias_channel": None})
 
 
