@@ -21,13 +21,14 @@ from tqdm.auto import tqdm
 from .. import distributed as dist
 from ..errors import SECompressError
 from ..models.adapters import adapter_for
-from ..models.checkpoint import Checkpoint, resolve_model
+from ..models.handle import model_name, open_model
 from ..models.placement import current
 from ..models.streaming import LAYERS_PREFIX, StreamedModel
 from . import compressed_tensors as ct
 from .gptq import (CholeskyFailed, gptq_bytes_per_matrix, gptq_quantize, gptq_quantize_batched, prepare_hessian,
                    prepare_hessians)
-from .hessian import ExpertCollector, HessianSum, expert_weights, linear_hooks, use_collector
+from .expert_split import ExpertSplit
+from .hessian import ExpertCollector, HessianSum, expert_weights, linear_hooks, reduce_hessians, use_collector
 from .policies import KEEP_BITS, Plan, parse_policy, super_experts_from_report, super_weight_mask, trigger_mask
 from .report import build_model_card, summarize
 from .rtn import QuantSpec, Quantized, output_error, rtn_quantize, weight_error
@@ -181,7 +182,7 @@ class LayerQuantizer:
         tw = e.trigger_weight
         shared_in = None  # the gate/up Hessian all non-calib experts share under all-expert calibration
         gate_up_jobs, down_jobs = [], []
-        split = dist.ExpertSplit(self, experts, inter)  # torchrun: this rank solves some experts, then all exchange
+        split = ExpertSplit(self, experts, inter)  # torchrun: this rank solves some experts, then all exchange
         for x in range(experts.num_experts):
             mine = split.begin(x)
             bits = plan.expert_bits(self.i, x)
@@ -331,7 +332,7 @@ class Engine:
             finally:
                 for h in handles:
                     h.remove()
-            dist.reduce_hessians(sums.values())
+            reduce_hessians(sums.values())
             lq.linears(attention, sums, self.trigger_weight_for)
         track = lambda kind: kind == "shared" and self.plan.calib(i, "shared")
         sums = {k: HessianSum(m.in_features, track(kind)) for k, (m, kind) in mlp_linears.items()}
@@ -348,7 +349,7 @@ class Engine:
         finally:
             for h in handles:
                 h.remove()
-        dist.reduce_hessians(sums.values(), collector)
+        reduce_hessians(sums.values(), collector)
         lq.linears(mlp_linears, sums, self.trigger_weight_for)
         if experts is not None:
             lq.experts(experts, collector)
@@ -494,10 +495,9 @@ def quantize_model(model: str, out, *, method: str = "gptq", bits: int = 4, grou
                    seqlen, policy)
     if out is None:
         raise SECompressError("no output folder given: pass --out DIR")
-    path = resolve_model(model, allow_pickle=allow_pickle)
-    ckpt = Checkpoint(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    config = ckpt.config
-    adapter = adapter_for(config)
+    handle = open_model(model, allow_pickle, trust_remote_code)  # the caller's handle, or opened here once
+    path, ckpt = handle.path, handle.checkpoint
+    config, adapter = handle.config, handle.adapter
     # FP8-block / MXFP4 inputs are read dequantized (models/formats.py); other quantized inputs were refused by
     # Checkpoint. The output has its own format: the input's quantization_config and MTP layer are not carried over.
     from ..models.formats import rewritten_config
@@ -531,17 +531,17 @@ def quantize_model(model: str, out, *, method: str = "gptq", bits: int = 4, grou
     if output_format == "pack-quantized":  # fail on group widths before any long work
         _pack_layout(Engine(plan=Plan(policy, bits, layer_bits, []), **common), sm)
 
-    from ..detect import detect, load_tokenizer
+    from ..detect import detect
 
-    tokenizer = load_tokenizer(path, trust_remote_code)
+    tokenizer = handle.tokenizer
     calibration = None
     if method == "gptq":
         from ..data.calibration import build_calibration
 
         calibration = build_calibration(tokenizer, calib, samples, seqlen, seed)
     if policy and se_report is None:
-        se_report = detect(model, calib=calib, samples=samples, seqlen=seqlen, seed=seed, batch_size=batch_size,
-                           progress=progress, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        se_report = detect(handle, calib=calib, samples=samples, seqlen=seqlen, seed=seed, batch_size=batch_size,
+                           progress=progress)
     ses = super_experts_from_report(se_report, config, adapter) if se_report is not None else []
     if policy and not ses:
         notes.append("The SE report lists no Super Experts: the SE policies had nothing to protect.")
@@ -549,12 +549,11 @@ def quantize_model(model: str, out, *, method: str = "gptq", bits: int = 4, grou
         notes.append("SE policy 'calib' shapes GPTQ's Hessians; round-to-nearest uses no calibration, so it changes nothing.")
     plan = Plan(policy, bits, layer_bits, ses)
 
-    from ..export.writer import CheckpointWriter
+    from ..export.writer import open_writer
 
     engine = Engine(plan=plan, **common)
     engine.notes += notes
-    writer_class = CheckpointWriter if dist.is_main() else dist.NullWriter  # torchrun: rank 0 writes
-    with writer_class(ckpt, Path(out), new_config, force=force) as writer:
+    with open_writer(ckpt, Path(out), new_config, force=force) as writer:  # torchrun: rank 0 writes
         engine.scale_dtype = writer.dtype
         if output_format == "pack-quantized":
             new_config.quantization_config = _pack_layout(engine, sm)
@@ -576,7 +575,7 @@ def quantize_model(model: str, out, *, method: str = "gptq", bits: int = 4, grou
             sm.free_layer(i)
         if not dist.is_main():
             return Path(out)
-        report = summarize(engine, model=model, source=path, requested_format=requested_format,
+        report = summarize(engine, model=model_name(model), source=path, requested_format=requested_format,
                            calibration=calibration.describe() if calibration else None, se_report=se_report,
                            seconds=time.time() - start)
         extra = {"compression_report.json": json.dumps(report, indent=2),
