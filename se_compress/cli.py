@@ -125,14 +125,15 @@ def cmd_compress(args):
 
 
 def cmd_compare(args):
-    from .compare import compare, markdown
+    from .compare import markdown
+    from .driver import compare
 
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     if not recipes:
         raise SECompressError("--recipes is empty: give a comma list of recipe names, e.g. qwen3-int4-se-protect,qwen3-int4-naive")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     table = compare(recipes, model=args.model, out=Path(args.out), tasks=tasks,
-                    limit=args.limit, max_windows=args.max_windows)
+                    limit=args.limit, max_windows=args.max_windows, device=distributed.device_spec(args.device))
     print(markdown(table))
     print(f"written: {table['out']}/compare.md, compare.json, compare.png")
 

@@ -1,9 +1,7 @@
-"""Compressed checkpoints evaluated beside their base model and naive twins, as one table.
+"""The comparison table: compressed checkpoints evaluated beside their base model and naive twins.
 
-Two entry points share it:
-- the driver (`se-compress compress`): the recipe's result, the base model and each baseline recipe ("naive
-  twin"), compressed here if needed; compare.json/.md/.png go into the result folder;
-- `se-compress compare --recipes a,b,c`: any set of recipes on one model, into checkpoints/compare-<model>/.
+The driver (driver.py) makes the checkpoints (a recipe's result, its naive twins, any set of recipes for
+`se-compress compare`) and asks this module for the evaluations and the table; this module never makes a checkpoint.
 
 Every evaluation is cached next to what it measured (`<checkpoint>/eval/`, the base model's under
 checkpoints/.eval/) with a fingerprint of the weights and the evaluation settings, so a re-run or a second table
@@ -14,8 +12,8 @@ import json
 from pathlib import Path
 
 from .errors import SECompressError
-from .models.checkpoint import resolve_model
-from .recipe import EvaluateOptions, Recipe, available_recipes, load_recipe
+from .models.handle import fingerprint, open_model  # noqa: F401 (fingerprint: moved to models/handle.py, still here)
+from .recipe import EvaluateOptions, Recipe
 
 CHECKPOINTS = Path("checkpoints")
 
@@ -32,13 +30,6 @@ def size_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in Path(path).glob("*.safetensors")) / 2**20
 
 
-def fingerprint(path: Path) -> str:
-    """Changes when the weights or the config change (names, sizes, modification times; no hashing of GBs)."""
-    files = sorted(Path(path).glob("*.safetensors")) + [Path(path) / "config.json"]
-    stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.exists()]
-    return hashlib.sha1(json.dumps(stats).encode()).hexdigest()[:16]
-
-
 def evaluate_cached(model: str, options: EvaluateOptions, out: Path, label: str, progress: bool = True) -> dict:
     """eval.json of `model` under `options`; reused from `out` when weights and settings are the same."""
     from .eval.run import evaluate_checkpoint
@@ -48,7 +39,8 @@ def evaluate_cached(model: str, options: EvaluateOptions, out: Path, label: str,
     from .models.placement import current
 
     device = current().device.type
-    request = {"fingerprint": fingerprint(resolve_model(model)), "options": options.model_dump(), "device": device}
+    model = open_model(model)  # the caller's handle, or opened here once (and handed on to the evaluation)
+    request = {"fingerprint": model.fingerprint, "options": options.model_dump(), "device": device}
     stamp = out / "request.json"
     if (out / "eval.json").exists() and stamp.exists() and json.loads(stamp.read_text()) == request:
         if progress:
@@ -61,8 +53,9 @@ def evaluate_cached(model: str, options: EvaluateOptions, out: Path, label: str,
     return result
 
 
-def base_eval_dir(model: str) -> Path:
-    return CHECKPOINTS / ".eval" / f"{model_label(model)}-{fingerprint(resolve_model(model))}"
+def base_eval_dir(model) -> Path:
+    model = open_model(model)
+    return CHECKPOINTS / ".eval" / f"{model_label(model.name)}-{model.fingerprint}"
 
 
 def describe(recipe: Recipe | None) -> tuple[str, str]:
@@ -113,75 +106,12 @@ def refuse_foreign(out: Path, recipe: Recipe, model: str) -> dict | None:
     return meta
 
 
-def ensure_checkpoint(recipe_name: str, model: str, progress: bool = True) -> Path:
-    """The recipe's checkpoint of `model` in checkpoints/: reused when it was made from the same recipe and weights,
-    otherwise (re)made."""
-    from .driver import compress
-
-    recipe = load_recipe(recipe_name)
-    out = default_output(model, recipe)
-    meta = refuse_foreign(out, recipe, model)
-    if meta and meta.get("recipe") == recipe.model_dump() and meta.get("source_fingerprint") == fingerprint(resolve_model(model)):
-        return out
-    return compress(recipe_name, model=model, out=str(out), force=out.exists(), evaluate=False, progress=progress)
-
-
-def evaluated_rows(model: str, recipes: list[str], options: EvaluateOptions, progress: bool = True) -> tuple[dict, list[dict]]:
-    """(eval.json of the base model, table rows of the base and of each recipe's checkpoint, made if needed),
-    all evaluated with `options`."""
-    base = evaluate_cached(model, options, base_eval_dir(model), "base", progress)
-    rows = [table_row("base", None, resolve_model(model), base, base)]
-    for name in recipes:
-        recipe = load_recipe(name)
-        ckpt = ensure_checkpoint(name, model, progress)
-        result = evaluate_cached(str(ckpt), options, ckpt / "eval", recipe.name, progress)
-        rows.append(table_row(recipe.name, recipe, ckpt, result, base))
-    return base, rows
-
-
 def write_table(table: dict, out: Path) -> Path:
     """compare.json/.md/.png into `out`, never half-written (se_compress/output.py)."""
     from .output import write_files_into
 
     return write_files_into(out, {"compare.json": json.dumps(table, indent=2, default=str), "compare.md": markdown(table)},
                             writers=[lambda folder: plot(table, folder / "compare.png")])
-
-
-def compare(recipes: list[str], model: str = "default", out: Path | None = None, tasks: list[str] | None = None,
-            limit: int | None = None, max_windows: int | None = None, progress: bool = True) -> dict:
-    """Run (or reuse) each recipe on `model`, evaluate every result with the same settings beside the base model."""
-    recipes = expand_recipes(recipes)
-    loaded = [load_recipe(name) for name in recipes]
-    studies = [r.name for r in loaded if _is_study(r)]
-    if studies:
-        raise SECompressError(f"{', '.join(studies)}: a study, not a compressed model; run it with se-compress "
-                              "compress and leave it out of --recipes")
-    first = loaded[0].evaluate
-    for flag, value in (("--limit", limit), ("--max-windows", max_windows)):
-        if value is not None and value < 1:
-            raise SECompressError(f"{flag} must be at least 1 (got {value})")
-    options = EvaluateOptions(tasks=tasks if tasks is not None else first.tasks,
-                              limit=limit if limit is not None else first.limit, seqlen=first.seqlen,
-                              max_windows=max_windows if max_windows is not None else first.max_windows)
-    from .eval.tasks import plan_tasks
-
-    plan_tasks(options.tasks)  # an unknown task fails before anything is compressed
-    out = Path(out or CHECKPOINTS / f"compare-{model_label(model)}")
-    _, rows = evaluated_rows(model, recipes, options, progress)
-    table = {"model": model, "tasks": options.tasks, "evaluate": options.model_dump(), "rows": rows, "out": str(out)}
-    write_table(table, out)
-    return table
-
-
-def expand_recipes(names: list[str]) -> list[str]:
-    """`all`: every shipped recipe that makes a compressed model (studies such as paper-ablation left out)."""
-    if names == ["all"]:
-        return [name for name in available_recipes() if not _is_study(load_recipe(name))]
-    return names
-
-
-def _is_study(recipe: Recipe) -> bool:
-    return any(stage.kind == "ablate" for stage in recipe.stages)
 
 
 def _metric(row: dict, key: str):

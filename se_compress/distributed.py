@@ -1,23 +1,13 @@
-"""Several processes, one result: data- and expert-parallel detect/quantize on torch.distributed.
+"""Several processes, one result: the torch.distributed session and its communication, nothing of any stage.
 
 Launch with torchrun (`torchrun --nproc-per-node N -m se_compress quantize ...`): every rank streams the same
 decoder layer. Without torchrun (or with N = 1) nothing here does anything and the code paths are the usual ones.
 
 - Data parallel: the calibration set is cut into batches exactly as in one process; rank r runs the batches
-  b with b % N == r. A batch is computed the same way on whichever rank runs it.
-- Statistics (detect) are reduced so that they equal the one-process values bit for bit: counts are summed;
-  max |output| with its token and channel takes the largest value and, on a tie, the smallest global token index
-  (what one process keeps: it only replaces a max by a strictly larger one, batch after batch); REAP/EAN sums are
-  kept per batch and re-added in batch order; the hidden-state samples for the median are put back in batch order.
-- Hessians (quantize) are all-reduced (sums of x^T x in the placement's stats dtype, fp32, and the token counts).
-  One process adds the batches one after another, N processes add per-rank partial sums: the fp32 totals differ
-  in the last bits (~1e-7 relative), so GPTQ, which rounds against them, can put a few codes one or two steps
-  the other way (measured: 0.3% of the codes of the tiny test models, bench/results/distributed.md on a real layer
-  shape). That is the one quantity that depends on N; detection statistics do not (bit-identical).
-- Expert parallel: rank r solves the routed experts x with x % N == r (LayerQuantizer._solve_batched on its share,
-  batched as in one process), then each rank broadcasts its codes and scales, and every rank writes the same
-  dequantized weights into its copy of the layer, so all ranks compute the same next-layer inputs. Rank 0 puts
-  the report records back in the one-process order and alone writes the checkpoint and the reports.
+  b with b % N == r (`my_batches`). A batch is computed the same way on whichever rank runs it.
+- The statistics own their reductions (accumulators: add / reduce / result): detection's recorders in
+  detect/stats.py, the Hessians in quant/hessian.py, the expert-parallel GPTQ exchange in quant/expert_split.py. They
+  use the collectives below, which give every rank the same bits (`sum_in_rank_order` adds the ranks in a fixed order).
 - Failure: a collective that fails (a peer's process ended) or torchrun's SIGTERM becomes one line naming the
   rank that died (found by the process ids every rank registers in torchrun's store); the first rank to report
   prints it, the others stay silent. Outputs go through temporary folders, so nothing is left at the output name.
@@ -255,6 +245,36 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return c.to(t.device)
 
 
+def sum_in_rank_order(t: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks of `t`, added in rank order (0 + 1 + 2 ...), so that every rank holds the same bits and the
+    order does not depend on the collective's algorithm. One process: `t` itself."""
+    if not active():
+        return t
+    import torch.distributed as dist
+
+    c = _comm(t.contiguous())
+    parts = [torch.empty_like(c) for _ in range(_S.world)]
+    _collective(dist.all_gather, parts, c)
+    total = parts[0].clone()
+    for part in parts[1:]:
+        total += part
+    return total.to(t.device)
+
+
+def groups_of(tensors: list, budget: int):
+    """`tensors` cut into consecutive groups of at most `budget` elements (one too large alone is its own group): one
+    collective per group instead of one per tensor, with bounded memory."""
+    group, size = [], 0
+    for t in tensors:
+        if group and size + t.numel() > budget:
+            yield group
+            group, size = [], 0
+        group.append(t)
+        size += t.numel()
+    if group:
+        yield group
+
+
 def all_gather_objects(obj) -> list:
     import torch.distributed as dist
 
@@ -336,279 +356,3 @@ def my_input_ids(input_ids: torch.Tensor, batch_size: int) -> tuple[torch.Tensor
         return input_ids, ids
     parts = [input_ids[b * batch_size: (b + 1) * batch_size] for b in ids]
     return (torch.cat(parts) if parts else input_ids[:0]), ids
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# detect: statistics
-
-
-class BatchSums:
-    """Keeps each batch's REAP/EAN sums of one ExpertRecorder apart, so that all ranks can re-add them in batch order
-    (float64 sums in another order differ in the last bits). One slot is updated at most once per batch."""
-
-    def __init__(self):
-        self.partials: dict[int, dict[int, tuple]] = {}  # layer -> {global batch: (reap, ean)}
-
-    @contextlib.contextmanager
-    def batch(self, layer: int, recorder, global_batch: int):
-        if recorder is None or not active():
-            yield
-            return
-        saved = recorder.reap_sum.clone(), recorder.ean_sum.clone()
-        recorder.reap_sum.zero_()
-        recorder.ean_sum.zero_()
-        try:
-            yield
-        finally:
-            self.partials.setdefault(layer, {})[global_batch] = (recorder.reap_sum.clone(), recorder.ean_sum.clone())
-            recorder.reap_sum, recorder.ean_sum = saved
-
-
-def _argmax_reduce(values: torch.Tensor, tokens: torch.Tensor, extra: torch.Tensor | None = None):
-    """values/tokens [ranks, n]: the largest value; on a tie the smallest token index (-1, never set, first)."""
-    best = values.max(0).values
-    candidates = torch.where(values == best, tokens.double(), torch.inf)
-    winner = candidates.argmin(0)
-    idx = torch.arange(values.shape[1])
-    return best, tokens[winner, idx], (extra[winner, idx] if extra is not None else None)
-
-
-def reduce_statistics(stats, sums: BatchSums) -> None:
-    """Make every rank's Statistics the one-process values (see the module docstring)."""
-    if not active():
-        return
-    for layer in sorted(stats.experts):
-        rec = stats.experts[layer]
-        rec.count = all_reduce_sum(rec.count)
-        mine = torch.stack([rec.max_output, rec.max_token.double(), rec.max_channel.double()])
-        got = torch.stack([torch.as_tensor(g) for g in all_gather_objects(mine)])
-        best, token, channel = _argmax_reduce(got[:, 0], got[:, 1].long(), got[:, 2].long())
-        rec.max_output, rec.max_token, rec.max_channel = best, token, channel
-        partials = {}
-        for part in all_gather_objects(sums.partials.get(layer, {})):
-            partials.update(part)
-        reap, ean = torch.zeros_like(rec.reap_sum), torch.zeros_like(rec.ean_sum)
-        for b in sorted(partials):  # the one-process order: 0 + s_0 + s_1 + ...
-            reap += partials[b][0]
-            ean += partials[b][1]
-        rec.reap_sum, rec.ean_sum = reap, ean
-    for h in stats.hidden:
-        got = all_gather_objects((h.max_abs, h.max_token, h.first_token_max, h.other_token_max, h.samples,
-                                  getattr(h, "batch_ids", [])))
-        best, token, _ = _argmax_reduce(torch.stack([g[0] for g in got]), torch.stack([g[1] for g in got]))
-        h.max_abs, h.max_token = best, token
-        h.first_token_max = max(g[2] for g in got)
-        h.other_token_max = max(g[3] for g in got)
-        by_batch = {}
-        for g in got:
-            by_batch.update(zip(g[5], g[4]))
-        h.samples = [by_batch[b] for b in sorted(by_batch)]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# quantize: Hessians and expert-parallel GPTQ
-
-
-def reduce_hessians(sums, collector=None) -> None:
-    """Sum every rank's Hessians (in their stats dtype) and token counts, in place: HessianSum objects and an
-    ExpertCollector. A rank whose batches never reached a matrix contributes zeros."""
-    if not active():
-        return
-    sums = list(sums)
-    if collector is not None:
-        sums += ([collector.shared_in] if collector.shared_in is not None else [])
-        sums += [collector.expert_in[e] for e in sorted(collector.expert_in)]
-        sums += [collector.down[e] for e in sorted(collector.down)]
-        collector.count = all_reduce_sum(collector.count)
-    if not sums:
-        return
-    for s in sums:  # a sum that saw no input on this rank has no matrix yet (quant/hessian.py creates it lazily)
-        where = next((m.device for t in sums for m in (t.H, t.Ht) if m is not None), None)
-        if s.H is None:
-            s.H = torch.zeros(s.dim, s.dim, dtype=s.dtype, device=where)
-        if s.track_triggers and s.Ht is None:
-            s.Ht = torch.zeros(s.dim, s.dim, dtype=s.dtype, device=where)
-    counts = torch.tensor([[s.n, s.nt] for s in sums], dtype=torch.long)
-    counts = all_reduce_sum(counts)
-    for s, (n, nt) in zip(sums, counts.tolist()):
-        s.n, s.nt = n, nt
-    matrices = [m for s in sums for m in (s.H, s.Ht) if m is not None]
-    budget = 1 << 25  # float64 elements per all-reduce (256 MB)
-    group, size = [], 0
-    for m in matrices + [None]:
-        if m is None or (group and size + m.numel() > budget):
-            flat = all_reduce_sum(torch.cat([g.reshape(-1) for g in group]))
-            offset = 0
-            for g in group:
-                g.copy_(flat[offset: offset + g.numel()].view_as(g))
-                offset += g.numel()
-            group, size = [], 0
-        if m is not None:
-            group.append(m)
-            size += m.numel()
-
-
-class ExpertSplit:
-    """Who solves which expert of one layer, and the exchange afterwards (see the module docstring).
-
-    `begin(x)` opens a job (the per-expert work of the loop: kept experts, RTN, fallbacks) and says whether this
-    rank runs it; `solve` runs this rank's share of a batched GPTQ. The records a job adds to the engine's report lists are set aside and merged back on
-    rank 0 in job order, so the report is the one-process report. `finish()` broadcasts the codes."""
-
-    def __init__(self, quantizer, experts, inter: int):
-        self.lq, self.experts, self.inter = quantizer, experts, inter
-        self.on = active()
-        self.seq = -1
-        self.jobs: dict[int, list[list]] = {}
-        self.marks = None
-        if self.on:
-            kill_hook(quantizer.i)
-
-    def _lists(self):
-        e = self.lq.e
-        return [e.modules, e.super_weights, e.warnings, e.notes]
-
-    def _close(self):
-        if self.marks is not None:
-            self.jobs[self.seq] = [lst[m:] for lst, m in zip(self._lists(), self.marks)]
-            for lst, m in zip(self._lists(), self.marks):
-                del lst[m:]
-            self.marks = None
-
-    def _open(self, owner: int) -> bool:
-        if not self.on:
-            return True
-        self._close()
-        self.seq += 1
-        if owner != _S.rank:
-            return False
-        self.marks = [len(lst) for lst in self._lists()]
-        return True
-
-    def begin(self, x: int) -> bool:
-        return self._open(x % _S.world)
-
-    def solve(self, which: str, jobs: list[dict]) -> None:
-        """The batched GPTQ of one matrix kind (LayerQuantizer._solve_batched) on this rank's experts; each job's
-        records are set aside under the place the job has in the one-process order (grouped by (bits, shared
-        Hessian) in order of first appearance, then by expert), so rank 0 can put the report back in that order."""
-        if not self.on:
-            self.lq._solve_batched(which, jobs, self.inter)
-            return
-        self._close()
-        kinds = {}
-        for job in jobs:
-            kinds.setdefault((job["bits"], job["shared"]), len(kinds))
-        ordered = sorted(jobs, key=lambda j: (kinds[(j["bits"], j["shared"])], j["x"]))
-        seq_of = {job["name"]: self.seq + 1 + k for k, job in enumerate(ordered)}
-        self.seq += len(ordered)
-        mine = [job for job in jobs if job["x"] % _S.world == _S.rank]
-        marks = [len(lst) for lst in self._lists()]
-        self.lq._solve_batched(which, mine, self.inter)
-        first = seq_of[mine[0]["name"]] if mine else None
-        for slot, (lst, m) in enumerate(zip(self._lists(), marks)):
-            for entry in lst[m:]:
-                seq = seq_of.get(_job_name(entry), first)
-                self.jobs.setdefault(seq, [[], [], [], []])[slot].append(entry)
-            del lst[m:]
-
-    def finish(self) -> None:
-        if not self.on:
-            return
-        self._close()
-        from .quant.hessian import expert_weights
-
-        solved = self.lq.solved
-        mine = sorted(solved)
-        meta = [(x, which, solved[(x, which)].spec, tuple(solved[(x, which)].q.shape),
-                 tuple(solved[(x, which)].scale.shape), solved[(x, which)].scale.dtype,
-                 solved[(x, which)].zero is not None) for x, which in mine]
-        everyone = all_gather_objects((meta, {} if is_main() else self.jobs))
-        where = expert_weights(self.experts, 0)[0].device
-        for owner, (units, _) in enumerate(everyone):
-            sizes = [_unit_bytes(u) for u in units]
-            if not units:
-                continue
-            if owner == _S.rank:
-                buf = torch.cat([_pack(solved[(u[0], u[1])]) for u in units])
-            else:
-                buf = torch.empty(sum(sizes), dtype=torch.uint8, device=where)
-            buf = broadcast_bytes(buf, owner)
-            if owner == _S.rank:
-                continue
-            offset = 0
-            for u, size in zip(units, sizes):
-                x, which, spec, qshape, sshape, sdtype, has_zero = u
-                qt = _unpack(buf[offset: offset + size], spec, qshape, sshape, sdtype, has_zero)
-                offset += size
-                gate_up, down = expert_weights(self.experts, x)
-                W = gate_up if which == "gate_up" else down
-                W.copy_(qt.dequantize().float())
-                if is_main():
-                    self.lq._store(x, which, qt, self.inter)
-        if is_main():
-            jobs = dict(self.jobs)
-            for _, other in everyone[1:]:
-                jobs.update(other)
-            for seq in sorted(jobs):
-                for lst, part in zip(self._lists(), jobs[seq]):
-                    lst.extend(part)
-
-
-def _job_name(entry) -> str | None:
-    """The matrix a report entry is about: a module record, a super weight, or a warning 'NAME: reason'."""
-    if isinstance(entry, dict):
-        return entry.get("name", entry.get("module"))
-    return entry.split(":", 1)[0] if isinstance(entry, str) else None
-
-
-def _unit_bytes(u) -> int:
-    _, _, _, qshape, sshape, sdtype, has_zero = u
-    q = qshape[0] * qshape[1]
-    s = sshape[0] * sshape[1]
-    return q + s * torch.empty(0, dtype=sdtype).element_size() + (s if has_zero else 0)
-
-
-def _pack(qt) -> torch.Tensor:
-    parts = [qt.q, qt.scale] + ([qt.zero] if qt.zero is not None else [])
-    return torch.cat([p.contiguous().reshape(-1).view(torch.uint8) for p in parts])
-
-
-def _unpack(buf, spec, qshape, sshape, sdtype, has_zero):
-    from .quant.rtn import Quantized
-
-    nq = qshape[0] * qshape[1]
-    ns = sshape[0] * sshape[1] * torch.empty(0, dtype=sdtype).element_size()
-    q = buf[:nq].clone().view(torch.int8).reshape(qshape)
-    scale = buf[nq: nq + ns].clone().view(sdtype).reshape(sshape)
-    zero = buf[nq + ns:].clone().view(torch.int8).reshape(sshape) if has_zero else None
-    return Quantized(q, scale, zero, spec)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# writing: rank 0 only
-
-
-class NullWriter:
-    """What ranks other than 0 hold instead of a CheckpointWriter: the same checks and dtype, no file written."""
-
-    def __init__(self, src, out, config, force: bool = False):
-        from .export.writer import CheckpointWriter, check_output_path
-
-        check_output_path(src.path, out, force)
-        self.src, self.out = src, out
-        self.dtype = CheckpointWriter._source_dtype(self)
-
-    def add(self, *a, **k):
-        pass
-
-    add_module = add_outside_layers = add
-
-    def finish(self, extra_files=None):
-        return self.out
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

@@ -16,6 +16,7 @@ import os
 import shutil
 from pathlib import Path
 
+from . import distributed as dist
 from .errors import SECompressError
 
 # file name -> a key its JSON always has (a same-named file of another tool is not taken for ours)
@@ -158,8 +159,11 @@ def replace_folder(new: Path, out: Path) -> Path:
 def write_files_into(out: Path, files: dict, writers=()) -> Path:
     """Write report files into `out` (created if missing): each file is written to a hidden name first and renamed
     over the old one, so a report is either the old one or the new one, never half of each. `files`: name ->
-    text; `writers`: callables taking a staging folder and writing more files (plots) into it."""
+    text; `writers`: callables taking a staging folder and writing more files (plots) into it. Under torchrun
+    rank 0 alone writes (the others return at once), so no stage has to ask which rank it is."""
     out = Path(out)
+    if not dist.is_main():
+        return out
     if out.is_dir() and any(out.iterdir()) and not is_own_output(out):
         raise SECompressError(f"{out} is a folder that se_compress did not write: not writing reports into it; "
                               f"choose another --out")

@@ -4,7 +4,7 @@
     description: GPTQ W4 g128, SE-aware (noclip + calib); deployable compressed-tensors
     detect: {calib: wikitext2, samples: 64, seqlen: 256}
     stages:
-      - quantize: {method: gptq, bits: 4, group_size: 128, se_policy: [noclip, calib]}
+      - quantize: {method: gptq, bits: 4, group_size: 32, se_policy: [noclip, calib]}
     evaluate: {tasks: [wikitext2]}
     baselines: [qwen3-int4-naive]
 
@@ -58,7 +58,7 @@ class MergeStage(SizeTarget):
 class QuantizeStage(Strict):
     method: Literal["rtn", "gptq"] = "gptq"
     bits: Literal[2, 3, 4, 8] = 4
-    group_size: int = Field(128, description="32, 64, 128, ... or -1 for per-channel")
+    group_size: int = Field(32, description="32 (the CLI's default too), 64, 128, ... or -1 for per-channel")
     symmetric: bool = True
     se_policy: list[Literal["none", "noclip", "calib", "layer", "keep"]] = ["noclip", "calib"]
     output_format: Literal["pack-quantized", "fake-quant"] = "pack-quantized"

@@ -14,11 +14,11 @@ where it happens and still ends in one line with nothing that looks complete (ex
 import argparse
 import json
 import re
-import struct
-import zipfile
 from pathlib import Path
 
+from .data.textfile import check_text_file
 from .errors import SECompressError, read_json_report
+from .models.files import check_pickle_file, check_weights, read_config
 
 # ---- numbers: argparse types (an ArgumentTypeError becomes one line through OneLineParser) ----------------------
 
@@ -104,91 +104,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
-# ---- the model folder ------------------------------------------------------------------------------------------
-
-
-def read_config(path: Path) -> dict:
-    """config.json of a checkpoint folder, parsed, with a supported model_type."""
-    from .models.adapters import ADAPTERS
-
-    file = Path(path) / "config.json"
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise SECompressError(f"{file} is not UTF-8 text: pass the checkpoint's real config.json") from None
-    except ValueError as exc:
-        raise SECompressError(f"{file} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}): "
-                              f"fix it or re-download the checkpoint") from None
-    except OSError as exc:
-        raise SECompressError(f"cannot read {file}: {exc.strerror}") from None
-    if not isinstance(config, dict):
-        raise SECompressError(f"{file} is not a model config (a JSON object): re-download the checkpoint")
-    model_type = config.get("model_type")
-    if model_type not in ADAPTERS:
-        what = f"'{model_type}'" if model_type else "(no model_type in config.json)"
-        raise SECompressError(f"unsupported architecture {what}: se_compress supports {', '.join(sorted(ADAPTERS))}")
-    layers = config.get("num_hidden_layers")
-    if not isinstance(layers, int) or layers < 1:
-        raise SECompressError(f"{file}: num_hidden_layers is {layers!r}, not a positive number: fix the config")
-    return config
-
-
-def _safetensors_keys(file: Path) -> list[str]:
-    from .models.checkpoint import check_safetensors_file
-
-    check_safetensors_file(file)  # truncated or not safetensors: one line
-    with open(file, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        return [k for k in json.loads(f.read(size)) if k != "__metadata__"]
-
-
-def check_pickle_file(file: Path) -> None:
-    """A PyTorch weights file as torch.save writes it (a zip holding data.pkl); any other pickle is refused before
-    torch.load sees it."""
-    try:
-        with zipfile.ZipFile(file) as archive:
-            if any(name.endswith("data.pkl") for name in archive.namelist()):
-                return
-    except (zipfile.BadZipFile, OSError):
-        pass
-    raise SECompressError(f"{file} is not a PyTorch weights file (torch.save's zip format with data.pkl): convert the "
-                          f"checkpoint to safetensors, or re-download it")
-
-
-def check_weights(path: Path, config: dict, allow_pickle: bool) -> None:
-    """Weight files present, whole, and holding every decoder layer the config promises."""
-    path = Path(path)
-    safetensors = sorted(path.glob("*.safetensors"))
-    pickles = sorted(path.glob("*.bin")) + sorted(path.glob("*.pt"))
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            listed = set(json.loads(index.read_text())["weight_map"].values())
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise SECompressError(f"{index} is not a valid safetensors index: re-download the checkpoint") from None
-        missing = sorted(f for f in listed if not (path / f).exists())
-        if missing:
-            raise SECompressError(f"{path} lacks {len(missing)} weight file(s) listed in its index ({missing[0]}, ...): "
-                                  f"the download is incomplete; re-download it")
-    if not safetensors:
-        if not pickles:
-            raise SECompressError(f"no weight files (*.safetensors) in {path}")
-        if not allow_pickle:
-            raise SECompressError(f"{path} has only pickle weights ({pickles[0].name}); pickle can run code when loaded: "
-                                  f"convert to safetensors or pass --allow-pickle if you trust the source")
-        for f in pickles:
-            check_pickle_file(f)
-        return
-    keys = [k for f in safetensors for k in _safetensors_keys(f)]
-    prefix = "model.layers."
-    present = {int(k[len(prefix):].split(".")[0]) for k in keys if k.startswith(prefix) and k[len(prefix):].split(".")[0].isdigit()}
-    if present:
-        absent = [i for i in range(config["num_hidden_layers"]) if i not in present]
-        if absent:
-            raise SECompressError(f"the weights in {path} have no tensors for layer(s) {absent[:5]}"
-                                  f"{' ...' if len(absent) > 5 else ''} of the {config['num_hidden_layers']} in "
-                                  f"config.json: a shard is missing or the checkpoint is incomplete; re-download it")
-
+# ---- the model folder: the checks live beside the readers (models/files.py); here they are orchestrated
 
 def check_model(model: str, allow_pickle: bool = False) -> tuple[Path, dict]:
     """'default', a folder or a Hub id -> (local folder, its config.json), the folder's shape checked."""
@@ -201,34 +117,6 @@ def check_model(model: str, allow_pickle: bool = False) -> tuple[Path, dict]:
 
 
 # ---- text ------------------------------------------------------------------------------------------------------
-
-
-def check_text_file(file: Path, what: str = "calibration file", min_bytes: int = 2) -> str:
-    """The file's text: UTF-8, mostly printable, not empty, at least `min_bytes` long (a byte-level tokenizer
-    makes at most one token per byte, so fewer bytes than tokens needed can never be enough)."""
-    file = Path(file)
-    if file.is_dir():
-        raise SECompressError(f"{what} {file} is a folder: pass a text file")
-    try:
-        data = file.read_bytes()
-    except OSError as exc:
-        raise SECompressError(f"cannot read {what} {file}: {exc.strerror}") from None
-    if not data.strip():
-        raise SECompressError(f"{what} {file} is empty: pass a text file with some content")
-    if b"\x00" in data:
-        raise SECompressError(f"{what} {file} is binary (it holds NUL bytes), not text: pass a UTF-8 text file")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise SECompressError(f"{what} {file} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}): "
-                              f"pass text, converted to UTF-8 if it is in another encoding") from None
-    control = sum(1 for ch in text if not (ch.isprintable() or ch in "\n\r\t\f\v"))
-    if control > 0.02 * len(text):
-        raise SECompressError(f"{what} {file} is {control / len(text):.0%} control characters: not text; pass a text file")
-    if len(data) < min_bytes:
-        raise SECompressError(f"{what} {file} has {len(data)} bytes, too few for one sample of {min_bytes} tokens: "
-                              f"use a longer text or a smaller --seqlen")
-    return text
 
 
 def check_calibration(name: str, seqlen: int | None = None) -> None:

@@ -55,7 +55,7 @@ def test_unknown_recipe_lists_the_shipped_ones():
 
 
 def test_compare_all_means_every_shipped_compression_recipe_with_its_twin():
-    from se_compress.compare import expand_recipes
+    from se_compress.driver import expand_recipes
 
     names = expand_recipes(["all"])
     assert "paper-ablation" not in names and "qwen3-int4-se-protect" in names

@@ -26,7 +26,7 @@ def load_text(name_or_file: str) -> tuple[str, str]:
         return SHIPPED[name_or_file].read_text(encoding="utf-8"), f"shipped:{name_or_file}"
     path = Path(name_or_file).expanduser()
     if path.exists():
-        from ..validate import check_text_file
+        from .textfile import check_text_file
 
         return check_text_file(path), str(path)  # UTF-8, printable, not empty: random bytes are not calibration
     if "/" in name_or_file and not name_or_file.startswith((".", "/", "~")):

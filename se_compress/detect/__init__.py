@@ -8,18 +8,9 @@ from .. import distributed as dist
 from ..data.calibration import build_calibration
 from ..errors import SECompressError
 from ..models.adapters import adapter_for
-from ..models.checkpoint import Checkpoint, resolve_model
+from ..models.handle import load_tokenizer, model_name, open_model  # noqa: F401 (load_tokenizer: moved, still here)
 from .collect import Statistics, collect_in_memory, collect_streamed
 from .rule import Criterion, considered_layers, massive_activation_layers, select_super_experts
-
-
-def load_tokenizer(path: Path, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except Exception as exc:
-        raise SECompressError(f"no usable tokenizer in {path} ({type(exc).__name__}): copy the base model's tokenizer files there") from None
 
 
 def build_report(model_name: str, config, stats: Statistics, calibration, criterion: Criterion, tokenizer) -> dict:
@@ -112,17 +103,17 @@ def detect(model: str, calib: str = "wikitext2", samples: int = 64, seqlen: int 
     criterion = criterion or Criterion()
     if not streamed and dist.active():
         raise SECompressError("in-memory detection runs in one process: launch it without torchrun")
-    path = resolve_model(model, allow_pickle=allow_pickle)
-    ckpt = Checkpoint(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    adapter_for(ckpt.config)  # unknown architecture: fail before any work
-    tokenizer = load_tokenizer(path, trust_remote_code)
+    handle = open_model(model, allow_pickle, trust_remote_code)  # the caller's handle, or opened here once
+    ckpt = handle.checkpoint
+    handle.adapter  # unknown architecture: fail before any work
+    tokenizer = handle.tokenizer
     calibration = build_calibration(tokenizer, calib, samples, seqlen, seed)
     start = time.time()
     stats = (collect_streamed(ckpt, calibration.input_ids, batch_size, progress, layer_hook=layer_hook) if streamed
              else collect_in_memory(ckpt, calibration.input_ids, batch_size))
     if stats_out is not None:
         stats_out.append(stats)
-    report = build_report(model, ckpt.config, stats, calibration, criterion, tokenizer)
+    report = build_report(model_name(model), ckpt.config, stats, calibration, criterion, tokenizer)
     report["seconds"] = round(time.time() - start, 2)
     report["streamed"] = streamed
     return report
@@ -136,7 +127,5 @@ def write_report(report: dict, out: Path, plots: bool = True) -> Path:
     from ..output import write_files_into
     from .report import markdown, write_plots
 
-    if not dist.is_main():
-        return Path(out)  # torchrun: rank 0 writes
     return write_files_into(out, {"se_report.json": json.dumps(report, indent=2), "se_report.md": markdown(report)},
                             writers=[lambda folder: write_plots(report, folder)] if plots else [])

@@ -5,12 +5,11 @@ Both paths use the same recorders; the streamed one must give the same numbers (
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
-from .. import distributed as dist
 from ..models.adapters import adapter_for
 from ..models.checkpoint import Checkpoint
 from ..models.placement import current
+from ..models.runner import stream_layers
 from ..models.streaming import StreamedModel
 from .stats import ExpertRecorder, HiddenRecorder, attach_recorders, detach_recorders
 
@@ -37,33 +36,32 @@ def collect_streamed(ckpt: Checkpoint, input_ids: torch.Tensor, batch_size: int 
     (the merger hangs a hook on the MoE block there to see its inputs in the same pass)."""
     sm = StreamedModel(ckpt, dtype=dtype)
     config, adapter = sm.config, sm.adapter
-    seq_len = input_ids.shape[1]
-    own_ids, batch_ids = dist.my_input_ids(input_ids, batch_size)  # torchrun: this rank's batches only
-    batches, hidden, layer_args = sm.embed_batches(own_ids, batch_size)
-    bases = [b * batch_size * seq_len for b in batch_ids]  # global index of each batch's first token
-    batch_sums = dist.BatchSums()
-    stats = Statistics({}, [], len(sm.layers), adapter.num_experts(config), seq_len)
-    for i in tqdm(range(len(sm.layers)), desc="layers", disable=not progress):
-        layer = sm.load_layer(i)
+    stats = Statistics({}, [], len(sm.layers), adapter.num_experts(config), input_ids.shape[1])
+
+    def accumulators(i, layer):
         if layer_hook is not None:
             layer_hook(i, layer)
         recorder, handles = attach_recorders(adapter, layer, i, config)
-        hidden_rec = HiddenRecorder(config.hidden_size, seq_len)
-        for b in range(len(hidden)):
-            if recorder is not None:
-                recorder.token_base = bases[b]
-            hidden_rec.token_base = bases[b]
-            with batch_sums.batch(i, recorder, batch_ids[b]):
-                hidden[b] = sm.run_layer(i, hidden[b], layer_args[b][i])
-            hidden_rec.update(hidden[b])
-        hidden_rec.batch_ids = batch_ids
-        detach_recorders(adapter, layer, handles)
-        sm.free_layer(i)
+        hidden_rec = HiddenRecorder(config.hidden_size, stats.seq_len)
         if recorder is not None:
             stats.experts[i] = recorder
         stats.hidden.append(hidden_rec)
-    dist.reduce_statistics(stats, batch_sums)
+        return [recorder, hidden_rec, _Detach(adapter, layer, handles)]
+
+    stream_layers(sm, input_ids, batch_size, accumulators, data_parallel=True, progress=progress)
+    for rec in list(stats.experts.values()) + stats.hidden:  # torchrun: every rank gets the one-process values
+        rec.reduce()
     return stats
+
+
+class _Detach:
+    """Takes the recorders off a layer when its batches are done."""
+
+    def __init__(self, adapter, layer, handles):
+        self.adapter, self.layer, self.handles = adapter, layer, handles
+
+    def close(self):
+        detach_recorders(self.adapter, self.layer, self.handles)
 
 
 @torch.no_grad()

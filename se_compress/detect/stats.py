@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
+from .. import distributed as dist
+
 IMPLEMENTATION = "se_compress_record"
 
 
@@ -29,7 +31,10 @@ def expert_forward(experts: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
 
 
 class ExpertRecorder:
-    """Running statistics for the E routed experts of one layer, plus one slot (index E) for its shared expert."""
+    """The accumulator of one layer's expert statistics: update() per routed batch, reduce() across ranks, then read.
+
+    Slots: the E routed experts, plus one (index E) for the shared expert. Per slot: max |output| with its global
+    token and channel, routing count, REAP and EAN sums. `token_base` and `batch` say which calibration batch runs."""
 
     def __init__(self, num_experts: int, has_shared: bool):
         slots = num_experts + (1 if has_shared else 0)
@@ -41,6 +46,12 @@ class ExpertRecorder:
         self.reap_sum = torch.zeros(slots, dtype=torch.float64)
         self.ean_sum = torch.zeros(slots, dtype=torch.float64)
         self.token_base = 0  # global index of the first token of the batch being run
+        self.batch = 0       # global index of that batch
+        self.parts: dict[int, dict[int, tuple[float, float]]] = {}  # batch -> slot -> its (REAP, EAN) terms
+
+    def begin(self, place) -> None:
+        """The runner (models/runner.py): batch `place` is about to run; update() is called from inside the layer."""
+        self.token_base, self.batch = place.first_token, place.index
 
     @torch.no_grad()
     def update(self, slot: int, output: torch.Tensor, token_idx: torch.Tensor, weight: torch.Tensor) -> None:
@@ -53,9 +64,40 @@ class ExpertRecorder:
             self.max_token[slot] = self.token_base + int(token_idx[row])
             self.max_channel[slot] = channel
         norms = output.float().norm(dim=-1)
+        reap, ean = (weight.float() * norms).sum().item(), norms.sum().item()
         self.count[slot] += output.shape[0]
-        self.reap_sum[slot] += (weight.float() * norms).sum().item()
-        self.ean_sum[slot] += norms.sum().item()
+        self.reap_sum[slot] += reap
+        self.ean_sum[slot] += ean
+        self.parts.setdefault(self.batch, {})[slot] = (reap, ean)  # one update per slot and batch
+
+    def reduce(self) -> None:
+        """Every rank's statistics combined into the one-process values, bit for bit: counts summed; the largest max,
+        on a tie the smallest global token (what one process keeps: it replaces a max only by a larger one); the
+        REAP/EAN terms re-added in global batch order (float sums in another order differ in the last bits)."""
+        if not dist.active():
+            return
+        self.count = dist.sum_in_rank_order(self.count)
+        mine = torch.stack([self.max_output, self.max_token.double(), self.max_channel.double()])
+        got = torch.stack([torch.as_tensor(g) for g in dist.all_gather_objects(mine)])
+        self.max_output, self.max_token, self.max_channel = argmax_reduce(got[:, 0], got[:, 1].long(), got[:, 2].long())
+        parts = {}
+        for theirs in dist.all_gather_objects(self.parts):
+            parts.update(theirs)
+        self.reap_sum, self.ean_sum = torch.zeros_like(self.reap_sum), torch.zeros_like(self.ean_sum)
+        for b in sorted(parts):  # the one-process order: 0 + batch 0 + batch 1 + ...
+            for slot, (reap, ean) in parts[b].items():
+                self.reap_sum[slot] += reap
+                self.ean_sum[slot] += ean
+        self.parts = parts
+
+
+def argmax_reduce(values: torch.Tensor, tokens: torch.Tensor, extra: torch.Tensor | None = None):
+    """values/tokens [ranks, n]: the largest value; on a tie the smallest token index (-1, never set, first)."""
+    best = values.max(0).values
+    candidates = torch.where(values == best, tokens.double(), torch.inf)
+    winner = candidates.argmin(0)
+    idx = torch.arange(values.shape[1])
+    return best, tokens[winner, idx], (extra[winner, idx] if extra is not None else None)
 
 
 def recording_experts_forward(self, hidden_states, top_k_index, top_k_weights):
@@ -77,7 +119,8 @@ ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, recording_experts_forward)
 
 
 class HiddenRecorder:
-    """Per decoder layer: max |hidden state| per channel over all tokens, where it is, and a sample for the median."""
+    """The accumulator of one decoder layer's output: max |hidden state| per channel over all tokens, where it is, and
+    a sample for the median; update() per batch, reduce() across ranks."""
 
     def __init__(self, hidden_size: int, seq_len: int, sample_per_batch: int = 4096):
         self.max_abs = torch.zeros(hidden_size, dtype=torch.float64)
@@ -85,8 +128,17 @@ class HiddenRecorder:
         self.first_token_max = 0.0   # max |h| at position 0 of any sample
         self.other_token_max = 0.0   # max |h| at any later position
         self.samples: list[torch.Tensor] = []
+        self.sample_batches: list[int] = []  # the global batch of each sample
         self.seq_len, self.sample_per_batch = seq_len, sample_per_batch
         self.token_base = 0
+        self.batch = 0
+
+    def begin(self, place) -> None:
+        self.token_base, self.batch = place.first_token, place.index
+
+    def add(self, hidden: torch.Tensor) -> None:
+        """The runner (models/runner.py): the layer's output for the batch that just ran."""
+        self.update(hidden)
 
     @torch.no_grad()
     def update(self, hidden: torch.Tensor) -> None:
@@ -103,6 +155,22 @@ class HiddenRecorder:
         flat = absh.reshape(-1)
         stride = max(1, flat.numel() // self.sample_per_batch)
         self.samples.append(flat[::stride].cpu())
+        self.sample_batches.append(self.batch)
+
+    def reduce(self) -> None:
+        """The one-process values on every rank: maxima as ExpertRecorder's, samples back in global batch order."""
+        if not dist.active():
+            return
+        got = dist.all_gather_objects((self.max_abs, self.max_token, self.first_token_max, self.other_token_max,
+                                       self.samples, self.sample_batches))
+        self.max_abs, self.max_token, _ = argmax_reduce(torch.stack([g[0] for g in got]), torch.stack([g[1] for g in got]))
+        self.first_token_max = max(g[2] for g in got)
+        self.other_token_max = max(g[3] for g in got)
+        by_batch = {}
+        for g in got:
+            by_batch.update(zip(g[5], g[4]))
+        self.sample_batches = sorted(by_batch)
+        self.samples = [by_batch[b] for b in self.sample_batches]
 
     def median(self) -> float:
         return torch.cat(self.samples).median().item() if self.samples else 0.0

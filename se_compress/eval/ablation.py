@@ -7,10 +7,9 @@ import random
 from collections import defaultdict
 from pathlib import Path
 
-from ..detect import detect, load_tokenizer
+from ..detect import detect
 from ..errors import SECompressError
-from ..models.adapters import adapter_for
-from ..models.checkpoint import Checkpoint, resolve_model
+from ..models.handle import open_model
 from ..models.edit import zero_experts
 from .perplexity import default_seqlen, eval_text, perplexity_streamed, text_windows
 from .sink import d_sink, first_token_attention
@@ -40,10 +39,9 @@ def ablate(model: str, se_report: dict | None = None, draws: int = 5, seed: int 
            **detect_kwargs) -> dict:
     """`text`: what perplexity is measured on (wikitext2, books or a text file; see eval/perplexity.py)."""
     eval_on = eval_text(text)  # a bad --text fails before the detection pass
-    path = resolve_model(model)
-    ckpt = Checkpoint(path)
-    adapter = adapter_for(ckpt.config)
-    report = se_report or detect(model, progress=progress, **detect_kwargs)
+    handle = open_model(model)  # the caller's handle, or opened here once
+    model, ckpt, adapter = handle.name, handle.checkpoint, handle.adapter
+    report = se_report or detect(handle, progress=progress, **detect_kwargs)
     ses = [(s["layer"], s["expert"]) for s in report["super_experts"]]
     if not ses:
         raise SECompressError(f"the detector found no Super Experts in {model}: nothing to ablate (see its se_report.md)")
@@ -53,7 +51,7 @@ def ablate(model: str, se_report: dict | None = None, draws: int = 5, seed: int 
     random_sets = [draw_random(candidates, len(ses), rng) for _ in range(draws)]
     matched_sets = [draw_layer_matched(ses, candidates, rng) for _ in range(draws)]
 
-    tokenizer = load_tokenizer(path)
+    tokenizer = handle.tokenizer
     seqlen = seqlen or default_seqlen(ckpt.config)
     windows = text_windows(tokenizer, eval_on, seqlen, max_windows)
 

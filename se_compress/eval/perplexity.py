@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..data.calibration import EVAL_TEXT, TEXT_DIR, tokenizer_adds_bos
 from ..errors import SECompressError
 from ..models.checkpoint import Checkpoint
+from ..models.runner import stream_layers
 from ..models.streaming import StreamedModel
 
 
@@ -59,7 +59,7 @@ def eval_text(spec: str) -> EvalText:
     path = Path(spec).expanduser()
     if not path.is_file():
         raise SECompressError(f"--text '{spec}' is neither wikitext2, books nor a text file: use one of those")
-    from ..validate import check_text_file
+    from ..data.textfile import check_text_file
 
     text = check_text_file(path, what="--text file")  # UTF-8, printable, not empty: one line otherwise
     return EvalText(f"file:{path.name}", f"text file {path}", text)
@@ -103,14 +103,13 @@ def perplexity_streamed(ckpt: Checkpoint, windows: torch.Tensor, batch_size: int
                         layer_hook: Callable | None = None, progress: bool = True, model: StreamedModel | None = None,
                         dtype: torch.dtype | None = None) -> dict:
     sm = model or StreamedModel(ckpt, dtype=dtype)
-    batches, hidden, layer_args = sm.embed_batches(windows, batch_size)
-    for i in tqdm(range(len(sm.layers)), desc="ppl layers", disable=not progress):
-        layer = sm.load_layer(i)
+
+    def accumulators(i, layer):
         if layer_hook is not None:
             layer_hook(i, layer)
-        for b in range(len(batches)):
-            hidden[b] = sm.run_layer(i, hidden[b], layer_args[b][i])
-        sm.free_layer(i)
+        return []
+
+    batches, hidden = stream_layers(sm, windows, batch_size, accumulators, progress=progress, desc="ppl layers")
     total, count = 0.0, 0
     for h, batch in zip(hidden, batches):
         for j in range(batch.shape[0]):  # one window of logits at a time: [L, vocab] can be large

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from ..errors import SECompressError, read_json_report
-from ..models.checkpoint import DEFAULT_MODEL_DIR, Checkpoint, resolve_model
+from ..models.checkpoint import DEFAULT_MODEL_DIR, Checkpoint
+from ..models.handle import ModelHandle, open_model
 from .tasks import DEFAULT_TASKS, PERPLEXITY, parse_task_list, plan_tasks, primary_metric, task_manager
 
 SINK_WINDOWS = 16
@@ -41,15 +42,16 @@ def default_out(model: str, path: Path) -> Path:
     return Path("checkpoints") / f"{model.replace('/', '--')}-eval"
 
 
-def open_checkpoint(path: Path, allow_pickle: bool = False, trust_remote_code: bool = False) -> Checkpoint:
+def open_checkpoint(handle: ModelHandle) -> Checkpoint:
     """A reader that returns dense weights: pack-quantized compressed-tensors checkpoints are dequantized."""
-    config = json.loads((path / "config.json").read_text())
-    qc = config.get("quantization_config") or {}
+    qc = handle.config_dict.get("quantization_config") or {}
     if qc.get("quant_method") == "compressed-tensors" and qc.get("format") == "pack-quantized":
         from ..quant.compressed_tensors import PackedCheckpoint
 
-        return PackedCheckpoint(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    return Checkpoint(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        return PackedCheckpoint(handle.path, allow_pickle=handle.allow_pickle,
+                                trust_remote_code=handle.trust_remote_code, config_dict=handle.config_dict,
+                                config=handle.config)
+    return handle.checkpoint
 
 
 def load_full_model(ckpt: Checkpoint, dtype: torch.dtype, device: str) -> tuple[torch.nn.Module, str]:
@@ -156,7 +158,6 @@ def evaluate_checkpoint(model: str, tasks: list[str] | None = None, limit: int |
     lm-eval task; `max_windows`: at most N perplexity windows per text. `texts`: the perplexity texts (wikitext2,
     books, a file), replacing those named in `tasks`. `baseline`: the eval.json dict of the model this one was
     made from, for D_sink."""
-    from ..detect import load_tokenizer
     from .generation import repetition_rate
     from .perplexity import default_seqlen, eval_text, text_windows
 
@@ -167,9 +168,10 @@ def evaluate_checkpoint(model: str, tasks: list[str] | None = None, limit: int |
     if limit is not None and limit < 1:
         raise SECompressError(f"--limit must be at least 1 (got {limit})")
     plan = plan_tasks(names, task_source)  # fails before any work when a task cannot run
-    path = resolve_model(model, allow_pickle=allow_pickle)
-    ckpt = open_checkpoint(path, allow_pickle, trust_remote_code)
-    tokenizer = load_tokenizer(path, trust_remote_code)
+    handle = open_model(model, allow_pickle, trust_remote_code)  # the caller's handle, or opened here once
+    model, path = handle.name, handle.path
+    ckpt = open_checkpoint(handle)
+    tokenizer = handle.tokenizer
     seqlen = seqlen or default_seqlen(ckpt.config)
     out = Path(out) if out else default_out(model, path)
     from ..models.placement import current

@@ -9,7 +9,28 @@ from collections.abc import Callable
 import torch
 
 from ..models.checkpoint import Checkpoint
+from ..models.runner import stream_layers
 from ..models.streaming import StreamedModel
+
+
+class FirstTokenAttention:
+    """The accumulator of one layer (models/runner.py): per head, the attention on key 0 summed over the windows."""
+
+    def __init__(self, layer):
+        self.sums, self.n, self.weights = None, 0, None
+        self.handle = layer.self_attn.register_forward_hook(lambda m, a, out: setattr(self, "weights", out[1]))
+
+    def add(self, output: torch.Tensor) -> None:
+        weights = self.weights  # [batch, heads, queries, keys]
+        mass = weights[:, :, 1:, 0].mean(dim=2).sum(dim=0)  # per head, summed over windows
+        self.sums = mass if self.sums is None else self.sums + mass
+        self.n += weights.shape[0]
+
+    def close(self) -> None:
+        self.handle.remove()
+
+    def result(self) -> list[float]:
+        return (self.sums / self.n).tolist()
 
 
 @torch.no_grad()
@@ -17,25 +38,16 @@ def first_token_attention(ckpt: Checkpoint, windows: torch.Tensor, layer_hook: C
                           batch_size: int = 4) -> list[list[float]]:
     """Per layer, per head: mean attention on key 0 over queries t >= 1 and all windows."""
     sm = StreamedModel(ckpt, attn_implementation="eager")
-    batches, hidden, layer_args = sm.embed_batches(windows, batch_size)
     per_layer = []
-    for i in range(len(sm.layers)):
-        layer = sm.load_layer(i)
+
+    def accumulators(i, layer):
         if layer_hook is not None:
             layer_hook(i, layer)
-        sums, n = None, 0
-        captured = {}
-        handle = layer.self_attn.register_forward_hook(lambda m, a, out: captured.__setitem__("w", out[1]))
-        for b in range(len(batches)):
-            hidden[b] = sm.run_layer(i, hidden[b], layer_args[b][i])
-            weights = captured["w"]  # [batch, heads, queries, keys]
-            mass = weights[:, :, 1:, 0].mean(dim=2).sum(dim=0)  # per head, summed over windows
-            sums = mass if sums is None else sums + mass
-            n += weights.shape[0]
-        handle.remove()
-        sm.free_layer(i)
-        per_layer.append((sums / n).tolist())
-    return per_layer
+        per_layer.append(FirstTokenAttention(layer))
+        return [per_layer[-1]]
+
+    stream_layers(sm, windows, batch_size, accumulators)
+    return [acc.result() for acc in per_layer]
 
 
 def d_sink(before: list[list[float]], after: list[list[float]]) -> list[float]:

@@ -174,3 +174,34 @@ class CheckpointWriter:
         if exc_type is not None:
             self.abort()
         return False
+
+
+class NullWriter:
+    """What ranks other than 0 hold instead of a CheckpointWriter: the same checks and dtype, no file written."""
+
+    def __init__(self, src, out, config, force: bool = False):
+        check_output_path(src.path, out, force)
+        self.src, self.out = src, out
+        self.dtype = CheckpointWriter._source_dtype(self)
+
+    def add(self, *a, **k):
+        pass
+
+    add_module = add_outside_layers = add
+
+    def finish(self, extra_files=None):
+        return self.out
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def open_writer(src, out, config, force: bool = False):
+    """The checkpoint writer of this process: a CheckpointWriter, or under torchrun on ranks other than 0 a NullWriter
+    (the same checks, nothing written): rank 0 alone writes."""
+    from .. import distributed as dist
+
+    return (CheckpointWriter if dist.is_main() else NullWriter)(src, out, config, force=force)

@@ -98,7 +98,7 @@ def merge_model(model: str, out, *, fraction: float | None = None, keep: int | N
         raise SECompressError(f"unknown --similarity '{similarity}': use {' or '.join(SIMILARITIES)}")
     if router_rows not in ROUTER_ROWS:
         raise SECompressError(f"unknown --router-rows '{router_rows}': use {' or '.join(ROUTER_ROWS)}")
-    path, ckpt, config, adapter = _open(model, allow_pickle, trust_remote_code)
+    handle, model, path, ckpt, config, adapter = _open(model, allow_pickle, trust_remote_code)
     num_experts = adapter.num_experts(config)
     keep = target_count(config, num_experts, fraction, keep)
     check_output_path(path, out, force)
@@ -107,7 +107,7 @@ def merge_model(model: str, out, *, fraction: float | None = None, keep: int | N
     batches = -(-samples // batch_size)
     gram = OutputGram(adapter, config, tokens_per_batch=max(1, -(-similarity_tokens // batches)), seed=seed)
     try:
-        pass_report = detect(model, calib=calib, samples=samples, seqlen=seqlen, seed=seed, batch_size=batch_size,
+        pass_report = detect(handle, calib=calib, samples=samples, seqlen=seqlen, seed=seed, batch_size=batch_size,
                              progress=progress, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
                              layer_hook=gram)
     finally:

@@ -1,12 +1,11 @@
 """Finding a model and reading its weights tensor by tensor, without loading the whole checkpoint."""
-import json
-import struct
 from functools import cached_property
 from pathlib import Path
 
 import torch
 
 from ..errors import SECompressError
+from .files import check_pickle_file, check_safetensors_file, read_config
 from .formats import stored_format
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "default_model" / "weights"
@@ -41,26 +40,22 @@ def resolve_model(name: str, allow_pickle: bool = False) -> Path:
         ) from None
 
 
-def check_safetensors_file(path: Path) -> None:
-    """Raise a one-line error if the file is not a whole safetensors file (truncated download, wrong file)."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise SECompressError(f"corrupt safetensors file {path}: {size} bytes, no header; re-download it")
-        (header_len,) = struct.unpack("<Q", head)
-        if header_len > size - 8:
-            raise SECompressError(f"corrupt safetensors file {path}: header runs past the end; re-download it")
-        try:
-            header = json.loads(f.read(header_len))
-        except ValueError:
-            raise SECompressError(f"corrupt safetensors file {path}: unreadable header; re-download it") from None
-    data_end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + header_len + data_end > size:
-        raise SECompressError(
-            f"corrupt safetensors file {path}: {size} bytes, the header needs {8 + header_len + data_end} "
-            f"(truncated download?); re-download it"
-        )
+def build_config(path: Path, config_dict: dict, trust_remote_code: bool = False):
+    """The transformers config of a checkpoint folder from its config.json, already read and checked (read_config):
+    what AutoConfig.from_pretrained makes of the file, without reading it again (custom code: AutoConfig itself)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if "auto_map" not in config_dict:
+        config = CONFIG_MAPPING[config_dict["model_type"]].from_dict(dict(config_dict))
+        config._name_or_path = str(path)
+        return config
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise SECompressError(f"{path} needs custom code to load; pass --trust-remote-code if you trust it") from None
+        raise SECompressError(f"cannot read {Path(path) / 'config.json'}: {str(exc).splitlines()[0]}") from None
 
 
 class Checkpoint:
@@ -70,9 +65,15 @@ class Checkpoint:
     `get_stored` give the tensors as they are on disk. Any other quantized checkpoint is refused here, unless `raw`
     (read the stored tensors as they are, whatever they hold: for tests and inspection)."""
 
-    def __init__(self, path: Path, allow_pickle: bool = False, trust_remote_code: bool = False, raw: bool = False):
+    def __init__(self, path: Path, allow_pickle: bool = False, trust_remote_code: bool = False, raw: bool = False,
+                 config_dict: dict | None = None, config=None):
+        """`config_dict`, `config`: config.json as already read and checked, and the transformers config built from it
+        (models/handle.py), so that neither is read again."""
         self.path = Path(path)
         self.trust_remote_code = trust_remote_code
+        self._config_dict = config_dict
+        if config is not None:
+            self.__dict__["config"] = config  # the cached_property below, already known
         safetensors = sorted(self.path.glob("*.safetensors"))
         pickles = sorted(self.path.glob("*.bin")) + sorted(self.path.glob("*.pt"))
         if not safetensors and pickles and not allow_pickle:
@@ -94,8 +95,6 @@ class Checkpoint:
                     for key in handle.keys():
                         self.weight_map[key] = f
         else:
-            from ..validate import check_pickle_file
-
             self._pickled = {}
             for f in self.files:
                 check_pickle_file(f)  # any other pickle: one line, never handed to torch.load
@@ -108,7 +107,7 @@ class Checkpoint:
                 self.weight_map.update({k: f for k in state})
         self._handles = {}
         self.stored_map = dict(self.weight_map)
-        self.format = None if raw else stored_format(self.path)
+        self.format = None if raw else stored_format(self.path, config_dict)
         self._derived = {}
         if self.format is not None:
             self._derived = self.format.derived(self.stored_map)
@@ -121,19 +120,9 @@ class Checkpoint:
 
     @cached_property
     def config(self):
-        from transformers import AutoConfig
-
-        from ..validate import read_config
-
-        read_config(self.path)  # bad JSON or an architecture se_compress has no adapter for: our one line, first
-        try:
-            return AutoConfig.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
-        except ValueError as exc:
-            if "trust_remote_code" in str(exc):
-                raise SECompressError(
-                    f"{self.path} needs custom code to load; pass --trust-remote-code if you trust it"
-                ) from None
-            raise SECompressError(f"cannot read {self.path / 'config.json'}: {str(exc).splitlines()[0]}") from None
+        """The transformers config (one given to the constructor, else built from config.json: models/handle.py)."""
+        config_dict = self._config_dict if self._config_dict is not None else read_config(self.path)
+        return build_config(self.path, config_dict, self.trust_remote_code)
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map

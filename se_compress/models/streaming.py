@@ -12,6 +12,7 @@ The keyword arguments a decoder layer receives (attention masks, rotary embeddin
 from the model's own forward: every layer is swapped for a `_Catcher` that records them and passes the hidden
 states through. So each architecture's own masking rules (sliding windows, per-layer types) apply unchanged.
 """
+import copy
 import ctypes
 import ctypes.util
 
@@ -96,7 +97,9 @@ class StreamedModel:
         self.placement = placement or current()
         self.device = self.placement.device
         self.ckpt, self.dtype = ckpt, dtype or self.placement.compute_dtype
-        self.config = ckpt.config
+        # A copy: building and running the model writes into its config (the experts implementation a pass selects),
+        # and the checkpoint's config is shared by every pass of the command (models/handle.py).
+        self.config = copy.deepcopy(ckpt.config)
         self.adapter = adapter_for(self.config)
         with init_empty_weights(include_buffers=False):
             extra = {"attn_implementation": attn_implementation} if attn_implementation else {}

@@ -14,7 +14,7 @@ from ..detect import detect
 from ..errors import SECompressError
 from ..export.writer import check_output_path
 from ..models.adapters import adapter_for
-from ..models.checkpoint import Checkpoint, resolve_model
+from ..models.handle import open_model
 from ..models.placement import host_placement
 from ..models.streaming import StreamedModel
 from .common import (REPORT_NAME, check_se_report, dump_report, expert_groups, expert_statistics, model_card,
@@ -26,20 +26,20 @@ from .surgery import keep_experts
 __all__ = ["prune_model", "zero_experts_model", "CRITERIA", "SE_POLICIES"]
 
 
-def _open(model: str, allow_pickle: bool, trust_remote_code: bool):
-    path = resolve_model(model, allow_pickle=allow_pickle)
-    ckpt = Checkpoint(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    return path, ckpt, ckpt.config, adapter_for(ckpt.config)
+def _open(model, allow_pickle: bool, trust_remote_code: bool):
+    """(handle, its name, path, checkpoint reader, config, adapter): the caller's handle, or the model opened here once."""
+    handle = open_model(model, allow_pickle, trust_remote_code)
+    return handle, handle.name, handle.path, handle.checkpoint, handle.config, handle.adapter
 
 
 def _moe_layers(config, adapter) -> list[int]:
     return [i for i in range(config.num_hidden_layers) if adapter.is_moe_layer(config, i)]
 
 
-def _se_report(se_report, model, config, adapter, detect_kwargs) -> tuple[dict, str]:
+def _se_report(se_report, handle, config, adapter, detect_kwargs) -> tuple[dict, str]:
     if se_report is not None:
         return check_se_report(se_report, config, adapter), "given (--se-report)"
-    return detect(model, **detect_kwargs), "detection run by this command on its calibration set"
+    return detect(handle, **detect_kwargs), "detection run by this command on its calibration set"
 
 
 def _calib_flags(se_source: str, calib: str, samples: int, seqlen: int, seed: int) -> str:
@@ -62,11 +62,11 @@ def prune_model(model: str, out, *, fraction: float | None = None, keep: int | N
     if se_policy not in SE_POLICIES:
         raise SECompressError(f"unknown --se-policy '{se_policy}' for pruning: use protect (never remove a Super "
                               f"Expert) or none (the naive baseline)")
-    path, ckpt, config, adapter = _open(model, allow_pickle, trust_remote_code)
+    handle, model, path, ckpt, config, adapter = _open(model, allow_pickle, trust_remote_code)
     num_experts = adapter.num_experts(config)
     keep = target_count(config, num_experts, fraction, keep)
     check_output_path(path, out, force)  # fail before the statistics pass, not after it
-    report, se_source = _se_report(se_report, model, config, adapter, dict(
+    report, se_source = _se_report(se_report, handle, config, adapter, dict(
         calib=calib, samples=samples, seqlen=seqlen, seed=seed, batch_size=batch_size, progress=progress,
         allow_pickle=allow_pickle, trust_remote_code=trust_remote_code))
     ses = super_experts_by_layer(report)
@@ -178,14 +178,14 @@ def zero_experts_model(model: str, out, zero: str, *, se_report: dict | None = N
     experts that are not SEs, seeded). 'se' and 'random' need the SE set: given, or detected here."""
     from ..models.edit import zero_experts
 
-    path, ckpt, config, adapter = _open(model, allow_pickle, trust_remote_code)
+    handle, model, path, ckpt, config, adapter = _open(model, allow_pickle, trust_remote_code)
     kind, value = parse_zero_spec(zero, config, adapter)
     check_output_path(path, out, force)
     report, se_source = se_report, "given (--se-report)"
     if report is not None:
         check_se_report(report, config, adapter)
     elif kind != "list":
-        report, se_source = _se_report(None, model, config, adapter, dict(
+        report, se_source = _se_report(None, handle, config, adapter, dict(
             calib=calib, samples=samples, seqlen=seqlen, seed=seed, batch_size=batch_size, progress=progress,
             allow_pickle=allow_pickle, trust_remote_code=trust_remote_code))
     ses = {(s["layer"], s["expert"]) for s in report["super_experts"]} if report else set()

@@ -99,7 +99,8 @@ class PackedCheckpoint(Checkpoint):
         super().__init__(path, raw=True, **kwargs)  # its own reading of the packed tensors below
         import json
 
-        qc = json.loads((self.path / "config.json").read_text()).get("quantization_config") or {}
+        config = self._config_dict if self._config_dict is not None else json.loads((self.path / "config.json").read_text())
+        qc = config.get("quantization_config") or {}
         self.groups = []
         for group in (qc.get("config_groups") or {}).values():
             w = group["weights"]

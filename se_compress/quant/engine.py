@@ -21,16 +21,17 @@ from tqdm.auto import tqdm
 from .. import distributed as dist
 from ..errors import SECompressError
 from ..models.adapters import adapter_for
-from ..models.checkpoint import Checkpoint, resolve_model
+from ..models.handle import model_name, open_model
 from ..models.placement import current
 from ..models.streaming import LAYERS_PREFIX, StreamedModel
 from . import compressed_tensors as ct
 from .gptq import (CholeskyFailed, gptq_bytes_per_matrix, gptq_quantize, gptq_quantize_batched, prepare_hessian,
                    prepare_hessians)
-from .hessian import ExpertCollector, HessianSum, expert_weights, linear_hooks, use_collector
+from .expert_split import ExpertSplit
+from .hessian import ExpertCollector, HessianSum, expert_weights, linear_hooks, reduce_hessians, use_collector
 from .policies import KEEP_BITS, Plan, parse_policy, super_experts_from_report, super_weight_mask, trigger_mask
 from .report import build_model_card, summarize
-from .rtn import QuantSpec, Quantized, output_error, rtn_quantize, weight_error
+from .rtn import QuantSpec, Quantized, metric_rows, output_error, rtn_quantize, weight_error
 
 METHODS = ("rtn", "gptq")
 FORMATS = ("pack-quantized", "fake-quant")
@@ -125,11 +126,15 @@ class LayerQuantizer:
         record.update(method=method, weight_error=weight_error(W, W_hat))
         if tokens is not None:
             record["tokens"] = tokens
-        if H is not None:
-            record["output_error"] = output_error(W, W_hat, H)
+        if H is not None:  # on sampled rows (rtn.metric_rows): a few percent of the solve, not several times it
+            started = time.perf_counter()
+            rows = metric_rows(W.shape[0])
+            record["output_error"] = output_error(W[rows], W_hat[rows], H)
             if method == "gptq":
-                rtn = rtn_quantize(W, qt.spec, self.e.scale_dtype, clip=clip, exact=exact).dequantize().float()
-                record["rtn_output_error"] = output_error(W, rtn, H)
+                ex = exact[rows] if exact is not None else None
+                rtn = rtn_quantize(W[rows], qt.spec, self.e.scale_dtype, clip=clip, exact=ex).dequantize().float()
+                record["rtn_output_error"] = output_error(W[rows], rtn, H)
+            self.e.metric_seconds += time.perf_counter() - started
         track = exact if track is None else track
         if track is not None and track.any():
             for r, c in track.nonzero().tolist():
@@ -181,7 +186,7 @@ class LayerQuantizer:
         tw = e.trigger_weight
         shared_in = None  # the gate/up Hessian all non-calib experts share under all-expert calibration
         gate_up_jobs, down_jobs = [], []
-        split = dist.ExpertSplit(self, experts, inter)  # torchrun: this rank solves some experts, then all exchange
+        split = ExpertSplit(self, experts, inter)  # torchrun: this rank solves some experts, then all exchange
         for x in range(experts.num_experts):
             mine = split.begin(x)
             bits = plan.expert_bits(self.i, x)
@@ -296,6 +301,7 @@ class Engine:
     def __init__(self, **kw):
         self.__dict__.update(kw)
         self.modules, self.super_weights, self.warnings, self.notes = [], [], [], []
+        self.metric_seconds = 0.0  # the report's output errors (rtn.metric_rows), against the run's total
 
     def trigger_weight_for(self, kind):
         return self.trigger_weight if kind == "shared" and self.plan.calib(self._layer, "shared") else 0.0
@@ -331,7 +337,7 @@ class Engine:
             finally:
                 for h in handles:
                     h.remove()
-            dist.reduce_hessians(sums.values())
+            reduce_hessians(sums.values())
             lq.linears(attention, sums, self.trigger_weight_for)
         track = lambda kind: kind == "shared" and self.plan.calib(i, "shared")
         sums = {k: HessianSum(m.in_features, track(kind)) for k, (m, kind) in mlp_linears.items()}
@@ -348,7 +354,7 @@ class Engine:
         finally:
             for h in handles:
                 h.remove()
-        dist.reduce_hessians(sums.values(), collector)
+        reduce_hessians(sums.values(), collector)
         lq.linears(mlp_linears, sums, self.trigger_weight_for)
         if experts is not None:
             lq.experts(experts, collector)
@@ -471,7 +477,7 @@ def _pack_layout(engine, sm: StreamedModel) -> dict:
     return ct.quantization_config(groups, ignore)
 
 
-def quantize_model(model: str, out, *, method: str = "gptq", bits: int = 4, group_size: int | None = 128,
+def quantize_model(model: str, out, *, method: str = "gptq", bits: int = 4, group_size: int | None = 32,
                    symmetric: bool = True, se_policy=("noclip", "calib"), output_format: str = "pack-quantized",
                    clip_search: bool = False, act_order: bool = False, quantize_attention: bool = True,
                    layer_bits: int | None = None, se_report: dict | None = None, calib: str = "wikitext2",
@@ -494,10 +500,9 @@ def quantize_model(model: str, out, *, method: str = "gptq", bits: int = 4, grou
                    seqlen, policy)
     if out is None:
         raise SECompressError("no output folder given: pass --out DIR")
-    path = resolve_model(model, allow_pickle=allow_pickle)
-    ckpt = Checkpoint(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    config = ckpt.config
-    adapter = adapter_for(config)
+    handle = open_model(model, allow_pickle, trust_remote_code)  # the caller's handle, or opened here once
+    path, ckpt = handle.path, handle.checkpoint
+    config, adapter = handle.config, handle.adapter
     # FP8-block / MXFP4 inputs are read dequantized (models/formats.py); other quantized inputs were refused by
     # Checkpoint. The output has its own format: the input's quantization_config and MTP layer are not carried over.
     from ..models.formats import rewritten_config
@@ -531,17 +536,17 @@ def quantize_model(model: str, out, *, method: str = "gptq", bits: int = 4, grou
     if output_format == "pack-quantized":  # fail on group widths before any long work
         _pack_layout(Engine(plan=Plan(policy, bits, layer_bits, []), **common), sm)
 
-    from ..detect import detect, load_tokenizer
+    from ..detect import detect
 
-    tokenizer = load_tokenizer(path, trust_remote_code)
+    tokenizer = handle.tokenizer
     calibration = None
     if method == "gptq":
         from ..data.calibration import build_calibration
 
         calibration = build_calibration(tokenizer, calib, samples, seqlen, seed)
     if policy and se_report is None:
-        se_report = detect(model, calib=calib, samples=samples, seqlen=seqlen, seed=seed, batch_size=batch_size,
-                           progress=progress, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        se_report = detect(handle, calib=calib, samples=samples, seqlen=seqlen, seed=seed, batch_size=batch_size,
+                           progress=progress)
     ses = super_experts_from_report(se_report, config, adapter) if se_report is not None else []
     if policy and not ses:
         notes.append("The SE report lists no Super Experts: the SE policies had nothing to protect.")
@@ -549,12 +554,11 @@ def quantize_model(model: str, out, *, method: str = "gptq", bits: int = 4, grou
         notes.append("SE policy 'calib' shapes GPTQ's Hessians; round-to-nearest uses no calibration, so it changes nothing.")
     plan = Plan(policy, bits, layer_bits, ses)
 
-    from ..export.writer import CheckpointWriter
+    from ..export.writer import open_writer
 
     engine = Engine(plan=plan, **common)
     engine.notes += notes
-    writer_class = CheckpointWriter if dist.is_main() else dist.NullWriter  # torchrun: rank 0 writes
-    with writer_class(ckpt, Path(out), new_config, force=force) as writer:
+    with open_writer(ckpt, Path(out), new_config, force=force) as writer:  # torchrun: rank 0 writes
         engine.scale_dtype = writer.dtype
         if output_format == "pack-quantized":
             new_config.quantization_config = _pack_layout(engine, sm)
@@ -576,7 +580,7 @@ def quantize_model(model: str, out, *, method: str = "gptq", bits: int = 4, grou
             sm.free_layer(i)
         if not dist.is_main():
             return Path(out)
-        report = summarize(engine, model=model, source=path, requested_format=requested_format,
+        report = summarize(engine, model=model_name(model), source=path, requested_format=requested_format,
                            calibration=calibration.describe() if calibration else None, se_report=se_report,
                            seconds=time.time() - start)
         extra = {"compression_report.json": json.dumps(report, indent=2),
@@ -585,6 +589,7 @@ def quantize_model(model: str, out, *, method: str = "gptq", bits: int = 4, grou
     report["size_bytes"] = sum(f.stat().st_size for f in out_path.glob("*.safetensors"))
     report["source_size_bytes"] = ckpt.size_bytes()
     report["seconds"] = round(time.time() - start, 2)
+    report["metrics_seconds"] = round(engine.metric_seconds, 3)  # of which: the output errors of this report
     tmp = out_path / ".compression_report.json.tmp"
     tmp.write_text(json.dumps(report, indent=2))
     os.replace(tmp, out_path / "compression_report.json")

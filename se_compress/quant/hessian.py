@@ -18,33 +18,38 @@ import torch
 from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
+from .. import distributed as dist
 from ..models.placement import current
 
 IMPLEMENTATION = "se_compress_quant_collect"
 
 
 class HessianSum:
-    """Running sum x^T x over rows of x, and the same over the trigger rows when asked.
+    """The accumulator of one Hessian: add(x) per calibration batch, reduce() across ranks, final() for GPTQ.
 
-    Kept on the device the inputs come from, in the placement's stats dtype (fp32: GPTQ's reference precision;
-    the sums of a few hundred thousand tokens lose nothing that the 1% damping does not dwarf)."""
+    H = sum over batches b of X_b^T X_b. Each batch's product is computed in the placement's stats dtype (fp32, GPTQ's
+    reference precision) and added into a float64 running sum; the token mean is rounded to fp32 once, at the end.
+    Why float64: fp32 partial products of similar size add up exactly in float64 (24-bit mantissas, 53 bits of room),
+    so the sum does not depend on the order of the batches, and N processes that each add their own batches and then
+    sum the ranks in a fixed order give the one-process Hessian bit for bit (issue 21: same bytes for any N).
+    Triggers (policy `calib`): the trigger rows' X^T X is kept apart the same way."""
 
     def __init__(self, dim: int, track_triggers: bool = False):
         self.dim, self.dtype = dim, current().stats_dtype
-        self.H = None  # created on the first inputs' device
+        self.H = None  # float64, created on the first inputs' device
         self.n = 0
         self.track_triggers = track_triggers
         self.Ht = None
         self.nt = 0
 
-    def _zeros(self, like: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(self.dim, self.dim, dtype=self.dtype, device=like.device)
+    def _zeros(self, device) -> torch.Tensor:
+        return torch.zeros(self.dim, self.dim, dtype=torch.float64, device=device)
 
     def add(self, x: torch.Tensor, trigger: torch.Tensor | None = None) -> None:
         x = x.reshape(-1, x.shape[-1]).to(self.dtype)
         if self.H is None:
-            self.H = self._zeros(x)
-        self.H.addmm_(x.T, x)
+            self.H = self._zeros(x.device)
+        self.H += x.T @ x
         self.n += x.shape[0]
         if self.track_triggers and trigger is not None and trigger.any():
             self.add_triggers(x[trigger.to(x.device)])
@@ -52,8 +57,8 @@ class HessianSum:
     def add_triggers(self, xt: torch.Tensor) -> None:
         xt = xt.to(self.dtype)
         if self.Ht is None:
-            self.Ht = self._zeros(xt)
-        self.Ht.addmm_(xt.T, xt)
+            self.Ht = self._zeros(xt.device)
+        self.Ht += xt.T @ xt
         self.nt += xt.shape[0]
 
     def final(self, trigger_weight: float = 0.0) -> torch.Tensor:
@@ -64,7 +69,40 @@ class HessianSum:
         if trigger_weight > 0 and self.Ht is not None and self.nt > 0:
             Ht = self.Ht / max(self.nt, 1)
             H = (1 - trigger_weight) * H / H.trace().clamp(min=1e-30) + trigger_weight * Ht / Ht.trace().clamp(min=1e-30)
-        return H.float()
+        return H.to(self.dtype)
+
+    result = final
+
+
+def reduce_hessians(sums, collector=None) -> None:
+    """Every rank's HessianSums (and an ExpertCollector's, with its routing counts) summed, in place, the same on
+    every rank: the float64 matrices are gathered and added in rank order (see HessianSum). One process: nothing."""
+    if not dist.active():
+        return
+    sums = list(sums)
+    if collector is not None:
+        sums += ([collector.shared_in] if collector.shared_in is not None else [])
+        sums += [collector.expert_in[e] for e in sorted(collector.expert_in)]
+        sums += [collector.down[e] for e in sorted(collector.down)]
+        collector.count = dist.sum_in_rank_order(collector.count)
+    if not sums:
+        return
+    where = next((m.device for s in sums for m in (s.H, s.Ht) if m is not None), current().device)
+    for s in sums:  # a sum that saw no input on this rank has no matrix yet: it adds zeros
+        if s.H is None:
+            s.H = s._zeros(where)
+        if s.track_triggers and s.Ht is None:
+            s.Ht = s._zeros(where)
+    counts = dist.sum_in_rank_order(torch.tensor([[s.n, s.nt] for s in sums], dtype=torch.long))
+    for s, (n, nt) in zip(sums, counts.tolist()):
+        s.n, s.nt = n, nt
+    matrices = [m for s in sums for m in (s.H, s.Ht) if m is not None]
+    for group in dist.groups_of(matrices, budget=1 << 24):  # float64 elements per exchange (128 MB)
+        total = dist.sum_in_rank_order(torch.cat([m.reshape(-1) for m in group]))
+        offset = 0
+        for m in group:
+            m.copy_(total[offset: offset + m.numel()].view_as(m))
+            offset += m.numel()
 
 
 def linear_hooks(modules: dict[str, nn.Linear], sums: dict[str, HessianSum], trigger_ref: dict):
