@@ -6,6 +6,10 @@ On a shared 2-core CPU an absolute time means little; a ratio to what the same p
 
 where rate_k is measured in the same process right before the pass, on the shapes and dtype that pass needs
 (e.g. [tokens per expert x 2048] @ [2048 x 1536] for the routed gate/up of Qwen3-30B-A3B), best of a few runs.
+Weights are streamed as the pass streams them: a pass reads each expert's (and attention's) weights once per
+batch, so the rate cycles through distinct weight matrices beyond the cache size (matmul_rate's `weights`);
+the efficiency against the rate with one weight that stays in cache (an upper bound no pass over 128 experts
+reaches at a few tokens per expert) is reported beside it.
 With one kind, efficiency = needed FLOPs / (time x measured rate). Needed FLOPs count only the work the pass
 must do (2 flops per multiply-add):
 - detect: the layer's forward with the real routing, counted by torch's FlopCounterMode on one sample (attention,
@@ -26,30 +30,48 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def matmul_rate(m: int, k: int, n: int, dtype, device, min_seconds: float = 0.3, transposed_a: bool = False) -> float:
+STREAM_BYTES = 128 << 20  # more than any cache here (CPU L3 32 MiB; H100/H200 L2 50-60 MiB)
+
+
+def matmul_rate(m: int, k: int, n: int, dtype, device, min_seconds: float = 0.3, transposed_a: bool = False,
+                weights: int = 1) -> float:
     """FLOP/s of [m x k] @ [k x n] here and now (best of several runs of at least min_seconds in all).
 
-    transposed_a: A is given as the transpose of a [k x m] tensor (the X^T X of a Hessian)."""
+    transposed_a: A is given as the transpose of a [k x m] tensor (the X^T X of a Hessian). weights > 1: the pass
+    streams that many distinct [k x n] weight matrices (one per expert, stored [n, k] as nn.Linear, used
+    transposed), each read once per batch: the measure cycles through as many copies as fill STREAM_BYTES (at
+    most `weights`), so reading the weights from memory is part of the rate, as it is part of the pass."""
     a = torch.randn(k, m, dtype=dtype, device=device).T if transposed_a else torch.randn(m, k, dtype=dtype, device=device)
-    b = torch.randn(k, n, dtype=dtype, device=device)
-    a @ b
+    item = torch.empty((), dtype=dtype).element_size()
+    copies = 1 if weights <= 1 else min(weights, max(2, -(-STREAM_BYTES // (k * n * item))))
+    bs = [torch.randn(n, k, dtype=dtype, device=device).T for _ in range(copies)] if weights > 1 else \
+        [torch.randn(k, n, dtype=dtype, device=device)]
+    a @ bs[0]
     _sync(device)
     best, spent, runs = float("inf"), 0.0, 0
     while spent < min_seconds or runs < 3:
         t = time.perf_counter()
-        a @ b
+        for b in bs:
+            a @ b
         _sync(device)
-        dt = time.perf_counter() - t
-        best, spent, runs = min(best, dt), spent + dt, runs + 1
+        dt = (time.perf_counter() - t) / len(bs)
+        best, spent, runs = min(best, dt), spent + dt * len(bs), runs + 1
     return 2.0 * m * k * n / best
 
 
-def share(kinds: dict, seconds: float) -> dict:
-    """kinds: name -> (flops, rate). Returns the pass's needed FLOPs, ideal time, effective rate and efficiency."""
+def share(kinds: dict, seconds: float, cached: dict | None = None) -> dict:
+    """kinds: name -> (flops, rate). Returns the pass's needed FLOPs, ideal time, effective rate and efficiency;
+    with `cached` (name -> rate of the same matmul with one weight that stays in cache) also that efficiency."""
     flops = sum(f for f, _ in kinds.values())
     ideal = sum(f / r for f, r in kinds.values())
-    return {"flops": flops, "seconds": seconds, "ideal_seconds": ideal, "rate": flops / ideal,
-            "efficiency": ideal / seconds, "kinds": {k: {"flops": f, "rate": r} for k, (f, r) in kinds.items()}}
+    out = {"flops": flops, "seconds": seconds, "ideal_seconds": ideal, "rate": flops / ideal,
+           "efficiency": ideal / seconds, "kinds": {k: {"flops": f, "rate": r} for k, (f, r) in kinds.items()}}
+    if cached:
+        ideal_cached = sum(f / cached.get(k, r) for k, (f, r) in kinds.items())
+        out["efficiency_vs_cached_weights"] = ideal_cached / seconds
+        for k, r in cached.items():
+            out["kinds"][k]["rate_cached"] = r
+    return out
 
 
 def layer_shape(config, adapter) -> dict:
@@ -114,9 +136,16 @@ def detect_pass(config, adapter, base, layer, layer_idx, batches, layer_kwargs, 
     dense_flops = counter.get_total_flops() * tokens / batches[0].shape[1]  # attention, router, shared: per sample
     routed_flops = tokens * s["k"] * (2 * s["H"] * 2 * s["I"] + 2 * s["I"] * s["H"])
     per_expert = max(1, tokens * s["k"] // s["E"] // len(batches))  # tokens an expert sees per batch, on average
-    rates = {"attention+dense": matmul_rate(batches[0].shape[0] * batches[0].shape[1], s["H"], s["H"], dtype, device),
-             "routed experts": (matmul_rate(per_expert, s["H"], 2 * s["I"], dtype, device) * 2 +
-                                matmul_rate(per_expert, s["I"], s["H"], dtype, device)) / 3}
+    T = batches[0].shape[0] * batches[0].shape[1]
+
+    def routed_rate(weights):  # gate/up is 2/3 of an expert's FLOPs, down 1/3: the ideal time of the mix
+        up = matmul_rate(per_expert, s["H"], 2 * s["I"], dtype, device, weights=weights)
+        down = matmul_rate(per_expert, s["I"], s["H"], dtype, device, weights=weights)
+        return 1 / (2 / 3 / up + 1 / 3 / down)
+
+    rates = {"attention+dense": matmul_rate(T, s["H"], s["H"], dtype, device, weights=4),
+             "routed experts": routed_rate(s["E"])}
+    cached = {"attention+dense": matmul_rate(T, s["H"], s["H"], dtype, device), "routed experts": routed_rate(1)}
     recorder, handles = attach_recorders(adapter, layer, layer_idx, config)
     _sync(device)
     t = time.perf_counter()
@@ -126,7 +155,7 @@ def detect_pass(config, adapter, base, layer, layer_idx, batches, layer_kwargs, 
     seconds = time.perf_counter() - t
     detach_recorders(adapter, layer, handles)
     out = share({"attention+dense": (dense_flops, rates["attention+dense"]),
-                 "routed experts": (routed_flops, rates["routed experts"])}, seconds)
+                 "routed experts": (routed_flops, rates["routed experts"])}, seconds, cached)
     out.update(tokens=tokens, tokens_per_expert_per_batch=per_expert, max_output=float(recorder.max_output.max()))
     return out
 
@@ -141,12 +170,16 @@ def hessian_pass(config, adapter, layer, batches, dtype, device) -> dict:
     tokens = sum(b.shape[0] * b.shape[1] for b in batches)
     T = batches[0].shape[0] * batches[0].shape[1]
     E, H, I, k = s["E"], s["H"], s["I"], s["k"]
-    kinds = {"gate/up, all tokens x all experts": (E * tokens * 2 * H * 2 * I, matmul_rate(T, H, 2 * I, dtype, device)),
+    kinds = {"gate/up, all tokens x all experts": (E * tokens * 2 * H * 2 * I,
+                                                   matmul_rate(T, H, 2 * I, dtype, device, weights=E)),
              "down_proj X^T X per expert": (E * tokens * 2 * I * I,
                                             matmul_rate(I, T, I, torch.float32, device, transposed_a=True)),
              "gate/up X^T X (shared by experts)": (tokens * 2 * H * H,
                                                    matmul_rate(H, T, H, torch.float32, device, transposed_a=True)),
-             "routed down_proj": (tokens * k * 2 * I * H, matmul_rate(max(1, T * k // E), I, H, dtype, device))}
+             "routed down_proj": (tokens * k * 2 * I * H, matmul_rate(max(1, T * k // E), I, H, dtype, device,
+                                                                     weights=E))}
+    cached = {"gate/up, all tokens x all experts": matmul_rate(T, H, 2 * I, dtype, device),
+              "routed down_proj": matmul_rate(max(1, T * k // E), I, H, dtype, device)}
     collector = ExpertCollector(moe.experts, "all", set(), {})
     _sync(device)
     t = time.perf_counter()
@@ -155,7 +188,7 @@ def hessian_pass(config, adapter, layer, batches, dtype, device) -> dict:
             moe(b)
     _sync(device)
     seconds = time.perf_counter() - t
-    out = share(kinds, seconds)
+    out = share(kinds, seconds, cached)
     out["tokens"] = tokens
     out["down_hessians"] = collector  # the caller solves GPTQ with them
     return out
@@ -179,6 +212,8 @@ def gptq_pass(config, adapter, layer, collector, experts: int, device) -> dict:
     s = layer_shape(config, adapter)
     H, I = s["H"], s["I"]
     spec = QuantSpec(4, 128, True)
+    for e in range(experts, s["E"]):  # Hessians of the experts not solved here: freed (Mixtral: 0.8 GiB each)
+        collector.down[e] = None
     moe = adapter.moe_block(layer)
     mats = {"down": [expert_weights(moe.experts, e)[1].float() for e in range(experts)],
             "gate_up": [expert_weights(moe.experts, e)[0].float() for e in range(experts)]}

@@ -440,23 +440,25 @@ def passes_markdown(results: dict) -> list[str]:
     rows = [(name, r["passes"]) for name, r in results["models"].items() if r.get("passes")]
     if not rows:
         return []
-    before = results.get("before", {})
+    before = results.get("before") or {}
     lines = ["Each pass of one real-shaped layer as a share of this process's own matmul rate, measured right before "
              "the pass on that pass's shapes and dtype (bench/efficiency.py: efficiency = needed FLOPs / (time x "
              "measured rate); with several matmul kinds, the ideal time is the sum of each kind's FLOPs / rate).", "",
-             "| model | pass | tokens | needed GFLOP | measured rate GFLOP/s | ideal s | measured s | efficiency |"
-             + (" before |" if before else ""),
-             "|---|---|---|---|---|---|---|---|" + ("---|" if before else "")]
+             "| model | pass | tokens | needed GFLOP | measured rate GFLOP/s | ideal s | measured s | efficiency | "
+             "vs cached-weight rate |" + (" efficiency before |" if before else ""),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if before else "")]
     for name, p in rows:
         if "error" in p:
-            lines.append(f"| {name} | failed: {p['error']} | | | | | | |" + (" |" if before else ""))
+            lines.append(f"| {name} | failed: {p['error']} | | | | | | | |" + (" |" if before else ""))
             continue
         for kind in ("detect", "hessian", "gptq", "metrics"):
             m = p[kind]
             tokens = m.get("tokens", f"{p['experts']} of {p['of_experts']} experts" if kind in ("gptq", "metrics") else "-")
             old = ((before.get(name) or {}).get(kind) or {}).get("efficiency")
             lines.append(f"| {name} | {PASS_NAMES[kind]} | {tokens} | {m['flops'] / 1e9:.0f} | {m['rate'] / 1e9:.0f} | "
-                         f"{m['ideal_seconds']:.2f} | {m['seconds']:.2f} | {100 * m['efficiency']:.0f}% |"
+                         f"{m['ideal_seconds']:.2f} | {m['seconds']:.2f} | {100 * m['efficiency']:.0f}% | "
+                         + (f"{100 * m['efficiency_vs_cached_weights']:.0f}% |" if "efficiency_vs_cached_weights" in m
+                            else "- |")
                          + (f" {100 * old:.0f}% |" if old is not None else (" - |" if before else "")))
     lines.append("")
     for name, p in rows:
@@ -636,6 +638,7 @@ def main():
 
 
 def write_results(results: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
     summarize(results)
     (out / "scale.json").write_text(json.dumps(results, indent=2))
     (out / "scale.md").write_text(markdown(results))
