@@ -26,7 +26,7 @@ from ..models.placement import current
 from ..models.streaming import LAYERS_PREFIX, StreamedModel
 from . import compressed_tensors as ct
 from .gptq import (CholeskyFailed, gptq_bytes_per_matrix, gptq_quantize, gptq_quantize_batched, prepare_hessian,
-                   prepare_hessians)
+                   prepare_hessians, solve_chunk)
 from .expert_split import ExpertSplit
 from .hessian import ExpertCollector, HessianSum, expert_weights, linear_hooks, reduce_hessians, use_collector
 from .policies import KEEP_BITS, Plan, parse_policy, super_experts_from_report, super_weight_mask, trigger_mask
@@ -247,7 +247,7 @@ class LayerQuantizer:
                     shared_prep = prepare_hessian(items[0]["H"], e.damp, e.act_order)
                 except CholeskyFailed:
                     shared_prep = False
-            chunk = current().chunk(len(items), gptq_bytes_per_matrix(rows, cols, own_hessian=not shared))
+            chunk = solve_chunk(len(items), rows, cols, own_hessian=not shared)
             for c in range(0, len(items), chunk):
                 part = items[c: c + chunk]
                 if shared:
