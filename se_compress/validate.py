@@ -76,11 +76,13 @@ def fraction_up_to_one(text: str) -> float:
 
 
 def group_size(text: str) -> int:
-    """32, 64, 128, ... weights per scale, or 'channel' (0: one scale per row)."""
-    if text in ("0", "channel", "per-channel", "-1"):
+    """32, 64, 128, ... weights per scale, or 'channel' (one scale per row, returned as 0). A count is at least 1:
+    0 (or -1, other tools' spelling) never silently means per-channel; 'channel' says it."""
+    if text in ("channel", "per-channel"):
         return 0
     if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be a number like 128, or 'channel' (got '{text}')")
+        raise argparse.ArgumentTypeError(f"must be a number like 128, or 'channel' for one scale per row (got '{text}'; "
+                                         f"0 never means per-channel)")
     return int(text)
 
 
@@ -180,6 +182,8 @@ def check_weights(path: Path, config: dict, allow_pickle: bool) -> None:
             check_pickle_file(f)
         return
     keys = [k for f in safetensors for k in _safetensors_keys(f)]
+    from .models.consistency import check_consistency, read_shapes
+
     prefix = "model.layers."
     present = {int(k[len(prefix):].split(".")[0]) for k in keys if k.startswith(prefix) and k[len(prefix):].split(".")[0].isdigit()}
     if present:
@@ -188,6 +192,7 @@ def check_weights(path: Path, config: dict, allow_pickle: bool) -> None:
             raise SECompressError(f"the weights in {path} have no tensors for layer(s) {absent[:5]}"
                                   f"{' ...' if len(absent) > 5 else ''} of the {config['num_hidden_layers']} in "
                                   f"config.json: a shard is missing or the checkpoint is incomplete; re-download it")
+    check_consistency(path, config, read_shapes(safetensors))  # config vs tensor shapes (models/consistency.py)
 
 
 def check_model(model: str, allow_pickle: bool = False) -> tuple[Path, dict]:
@@ -206,9 +211,9 @@ def check_model(model: str, allow_pickle: bool = False) -> tuple[Path, dict]:
 def check_text_file(file: Path, what: str = "calibration file", min_bytes: int = 2) -> str:
     """The file's text: UTF-8, mostly printable, not empty, at least `min_bytes` long (a byte-level tokenizer
     makes at most one token per byte, so fewer bytes than tokens needed can never be enough)."""
-    file = Path(file)
-    if file.is_dir():
-        raise SECompressError(f"{what} {file} is a folder: pass a text file")
+    from .inputs import TEXT_LIMIT, regular_file
+
+    file = regular_file(file, what, TEXT_LIMIT)  # no device, FIFO or folder; not gigabytes
     try:
         data = file.read_bytes()
     except OSError as exc:
@@ -245,6 +250,24 @@ def check_calibration(name: str, seqlen: int | None = None) -> None:
         return
     raise SECompressError(f"calibration '{name}' not found: use {' or '.join(SHIPPED)}, a text file, or a Hub dataset "
                           f"org/name[:split]")
+
+
+def check_calibration_memory(samples: int, seqlen: int, config: dict, device: str | None) -> None:
+    """The calibration activations fit in memory (inputs.check_activation_memory): fp32 on the CPU; bf16 on a GPU,
+    where they may also wait in host memory."""
+    from .inputs import available_memory, check_activation_memory
+
+    hidden = config.get("hidden_size")
+    if not isinstance(hidden, int) or hidden < 1:
+        return  # consistency.py names a bad hidden_size
+    available, bytes_per_value = available_memory(), 4
+    if str(device or "auto").lower() != "cpu":
+        import torch
+
+        if torch.cuda.is_available() and available is not None:
+            bytes_per_value = 2
+            available += torch.cuda.get_device_properties(0).total_memory
+    check_activation_memory(samples, seqlen, hidden, bytes_per_value, available)
 
 
 # ---- layers ----------------------------------------------------------------------------------------------------
@@ -284,6 +307,8 @@ def check_args(args) -> None:
         probe_writable(path, path)
     if getattr(args, "calib", None):
         check_calibration(args.calib, getattr(args, "seqlen", None))
+    if config and getattr(args, "samples", None) and getattr(args, "seqlen", None):
+        check_calibration_memory(args.samples, args.seqlen, config, getattr(args, "device", None))
     if getattr(args, "layers", None):
         check_layers(args.layers, config["num_hidden_layers"] if config else None)
     for attr, filename, what, writer in (("se_report", "se_report.json", "SE report", "se-compress detect"),
