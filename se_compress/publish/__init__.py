@@ -78,13 +78,13 @@ def push_checkpoint(checkpoint, repo_id: str, *, private: bool = False, dry_run:
     Returns {"card", "files", "metadata", "url" (None on a dry run)}."""
     folder = _check_folder(checkpoint)
     _check_repo_id(repo_id)
-    token = None if dry_run else _token(token_env)  # fail on a missing token before writing anything
-    if eval_file is not None and not Path(eval_file).exists():
-        raise SECompressError(f"--eval file not found: {eval_file} (pass an eval.json or compare.json)")
     readme = folder / "README.md"
     if os.path.lexists(readme) and not is_own_file(readme):  # a hand-written card: never replaced (ownership.py)
         raise SECompressError(f"{readme} was not written by se_compress (or was edited since): push never replaces it; "
                               f"move it aside (e.g. to NOTES.md) and run push again")
+    token = None if dry_run else _token(token_env)  # fail on a missing token before writing anything
+    if eval_file is not None and not Path(eval_file).exists():
+        raise SECompressError(f"--eval file not found: {eval_file} (pass an eval.json or compare.json)")
     evaluation, found = find_evaluation(folder, Path(eval_file) if eval_file else None)
 
     card, meta = build_model_card(folder, repo_id, evaluation=evaluation, base_model=base_model, license=license)
