@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .errors import SECompressError
 from .models.checkpoint import resolve_model
+from .ownership import mark
 from .recipe import EvaluateOptions, Recipe, available_recipes, load_recipe
 
 CHECKPOINTS = Path("checkpoints")
@@ -58,6 +59,7 @@ def evaluate_cached(model: str, options: EvaluateOptions, out: Path, label: str,
     result = evaluate_checkpoint(model, options.tasks, options.limit, out, seqlen=options.seqlen,
                                  max_windows=options.max_windows, label=label, progress=progress)
     stamp.write_text(json.dumps(request, indent=2))  # written last: an interrupted evaluation is not reused
+    mark(out, [stamp.name])  # ours (ownership.py)
     return result
 
 

@@ -21,6 +21,7 @@ from .errors import SECompressError
 from .export.writer import check_output_path
 from .models.checkpoint import resolve_model
 from .output import replace_folder
+from .ownership import mark
 from .validate import check_model
 from .recipe import Recipe, load_recipe
 
@@ -82,6 +83,7 @@ def evaluate_beside_baselines(recipe: Recipe, model: str, result: Path, out: Pat
     this = evaluate_cached(str(result), options, result / "eval", recipe.name, progress)
     this["path"] = str(out)  # where it will be once renamed; eval.json is rewritten with it
     (result / "eval" / "eval.json").write_text(json.dumps(this, indent=2))
+    mark(result / "eval", ["eval.json"])  # rewritten by us: still ours (ownership.py)
     rows.insert(1, dict(table_row(recipe.name, recipe, result, this, base), path=str(out)))
     return {"model": model, "tasks": options.tasks, "evaluate": options.model_dump(), "rows": rows}
 

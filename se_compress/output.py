@@ -122,7 +122,7 @@ def replace_folder(new: Path, out: Path) -> Path:
     if os.path.islink(out):  # appeared while we worked: never followed, never renamed aside
         raise SECompressError(f"output {out} became a symbolic link while se_compress worked: nothing replaced; "
                               f"choose another --out")
-    mark(new, final=out)  # what counts as ours from now on (ownership.py)
+    mark(new)  # what counts as ours from now on (ownership.py)
     ordinary_permissions(new)
     if not os.path.lexists(out):
         os.replace(new, out)
@@ -167,7 +167,7 @@ def write_files_into(out: Path, files: dict, writers=()) -> Path:
         for f in written:
             ordinary_permissions(f)
             os.replace(f, out / f.name)
-        mark(out, [f.name for f in written], final=out)
+        mark(out, [f.name for f in written])
     except OSError as exc:
         raise SECompressError(f"could not write {out}: {exc.strerror} (free space or choose another --out)") from None
     finally:

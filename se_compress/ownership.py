@@ -8,8 +8,9 @@ their size; hashing gigabytes of weights to re-run a command is not worth it, an
 
 - A folder is *our output* when its marker says so and every file in it is one the marker lists, unchanged, or lies
   in a subfolder that is itself our output (`<checkpoint>/eval`). One file more (the user's notes) or one report
-  edited by hand, and it is not: it is never replaced, even with --force. `cp -r` of a model copies no marker
-  written for another folder: the marker records the folder it was written for, and a copy lives elsewhere.
+  edited by hand, and it is not: it is never replaced, even with --force. A copy of a model (the shipped one holds
+  an se_report.json) has no marker; a copy of our output with the user's notes added lists no notes. A pristine
+  copy or a moved output is ours: replacing it loses nothing of the user's.
 - A single file is ours when the marker beside it lists it unchanged (push's README.md in a folder we did not
   write: the marker then says `output: false`).
 """
@@ -51,17 +52,15 @@ def read_marker(folder: Path) -> dict | None:
     return data
 
 
-def mark(folder: Path, names=None, output: bool = True, final: Path | None = None) -> None:
+def mark(folder: Path, names=None, output: bool = True) -> None:
     """Record that se_compress wrote `names` (default: every file now in `folder`) in it, added to what the marker
-    already lists; `final`: where the folder will be renamed to (a staging folder is marked before it moves).
-    Written under a hidden name and renamed: a marker is whole or absent."""
+    already lists. Written under a hidden name and renamed: a marker is whole or absent."""
     folder = Path(folder)
     old = read_marker(folder) or {"files": {}}
     names = list(_entries(folder)) if names is None else list(names)
     files = dict(old["files"])
     files.update({n: _fingerprint(folder / n) for n in names if (folder / n).is_file() and not (folder / n).is_symlink()})
-    data = {"written_by": "se_compress", "output": bool(output or old.get("output")),
-            "folder": os.path.realpath(final or folder), "files": dict(sorted(files.items()))}
+    data = {"written_by": "se_compress", "output": bool(output or old.get("output")), "files": dict(sorted(files.items()))}
     tmp = folder / f"{MARKER}.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(data, indent=1))
     os.chmod(tmp, 0o644)
@@ -74,23 +73,32 @@ def foreign_file(folder: Path) -> str | None:
     folder = Path(folder)
     data = read_marker(folder)
     if data is None or not data.get("output"):
-        return None if not any(_entries(folder)) else f"no {MARKER}: se_compress did not write this folder"
-    if data.get("folder") not in (None, os.path.realpath(folder)):
-        return f"its {MARKER} was written for {data['folder']}: this is a copy or a moved folder"
-    listed, own_subfolders = data["files"], []
+        return None if not any(_entries(folder)) else f"not an output of se_compress: no {MARKER} listing its files"
+    listed, subfolders = data["files"], {}
     for rel in _entries(folder):
-        if any(rel.startswith(sub + "/") for sub in own_subfolders):
-            continue
+        sub = _marked_subfolder(folder, rel)
+        if sub is not None:  # a report folder of ours inside (<checkpoint>/eval) answers for what it holds
+            if sub not in subfolders:
+                subfolders[sub] = foreign_file(folder / sub)
+            if subfolders[sub] is None:
+                continue
+            return f"{sub}/{subfolders[sub]}"
         path = folder / rel
         if rel in listed and path.is_file() and not path.is_symlink():
             if _fingerprint(path) != listed[rel]:
                 return f"{rel} (changed since se_compress wrote it)"
             continue
-        parent = rel.rsplit("/", 1)[0] if "/" in rel else None
-        if parent and (folder / parent / MARKER).is_file() and foreign_file(folder / parent) is None:
-            own_subfolders.append(parent)
-            continue
         return rel
+    return None
+
+
+def _marked_subfolder(folder: Path, rel: str) -> str | None:
+    """The deepest folder above `rel` (inside `folder`) that holds a marker of its own, or None."""
+    parts = rel.split("/")[:-1]
+    for i in range(len(parts), 0, -1):
+        sub = "/".join(parts[:i])
+        if (folder / sub / MARKER).is_file() and not (folder / sub).is_symlink():
+            return sub
     return None
 
 

@@ -3,7 +3,7 @@
 A checkpoint with NaN in one expert's down_proj used to pass: `detect` reported a shorter SE set (the NaN spreads
 through later layers), `quantize` wrote a NaN checkpoint. One NaN or Inf in a weight is a corrupt file, never a
 model to measure, so the checkpoint reader (checkpoint.py) hands every floating-point tensor it reads to
-`check_weight`: one `isfinite` pass over a tensor already in memory, the cost of reading it once more from RAM.
+`check_weight`: one pass (`torch.aminmax`) over a tensor already in memory, cheaper than copying it once.
 
 An activation that turns non-finite while a layer runs (fp16/bf16 overflow: bf16 keeps the range of fp32, fp16
 overflows past 65504) is a different failure: the weights are whole but the arithmetic is not. `check_activations`
@@ -21,9 +21,19 @@ def _first_bad(values: torch.Tensor) -> tuple[int, int, tuple[int, ...]]:
     return int(nan.sum()), int(inf.sum()), tuple(first)
 
 
+def all_finite(values: torch.Tensor) -> bool:
+    """No NaN, no +-Inf. torch.aminmax is one vectorized pass with no tensor-sized temporary (NaN propagates to
+    both ends, +Inf shows in the max, -Inf in the min): 50x faster than isfinite(t).all() on bf16 on the CPU
+    (bench/finite_check.py)."""
+    if values.numel() == 0:
+        return True
+    low, high = torch.aminmax(values)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
 def check_weight(tensor: torch.Tensor, name: str, shard) -> torch.Tensor:
     """`tensor` unchanged when every value is finite; else one line naming the tensor, its shard and the values."""
-    if tensor.is_floating_point() and tensor.element_size() > 1 and not bool(torch.isfinite(tensor).all()):
+    if tensor.is_floating_point() and tensor.element_size() > 1 and not all_finite(tensor):
         nan, inf, first = _first_bad(tensor)
         raise SECompressError(
             f"weight {name} in {shard} holds {nan} NaN and {inf} Inf value(s) (first at index {list(first)}): the "
@@ -34,7 +44,7 @@ def check_weight(tensor: torch.Tensor, name: str, shard) -> torch.Tensor:
 
 def check_activations(hidden: torch.Tensor, layer_idx: int) -> torch.Tensor:
     """`hidden` unchanged when finite; else one line naming the decoder layer whose output went non-finite."""
-    if not bool(torch.isfinite(hidden).all()):
+    if not all_finite(hidden):
         nan, inf, _ = _first_bad(hidden)
         raise SECompressError(
             f"the activations turned non-finite in decoder layer {layer_idx} ({nan} NaN, {inf} Inf in its {hidden.dtype} "
