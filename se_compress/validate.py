@@ -10,6 +10,8 @@ where it happens and still ends in one line with nothing that looks complete (ex
 - Paths: the model folder (config.json parses, model_type supported, weights whole), calibration text (UTF-8,
   printable, long enough), JSON reports given as inputs, and the output location (output.check_output).
 - Layer lists inside the model's depth.
+- config.json against the safetensors headers' shapes (models/consistency.py); every input file a regular file of a
+  bounded size (inputs.py); the calibration activations within the memory available.
 """
 import argparse
 import json

@@ -132,7 +132,7 @@ def test_a_config_that_does_not_describe_the_weights_is_refused_before_any_work(
 
 # ---- input files: kind and size --------------------------------------------------------------------------------
 
-def test_devices_fifos_and_oversized_files_are_refused_unread(tmp_path, capsys):
+def test_devices_fifos_and_oversized_files_are_refused_unread(default_copy, tmp_path, capsys):
     fifo = tmp_path / "calib.fifo"
     os.mkfifo(fifo)  # read_bytes() on it would wait for a writer forever
     big = tmp_path / "se_report.json"
@@ -148,6 +148,11 @@ def test_devices_fifos_and_oversized_files_are_refused_unread(tmp_path, capsys):
         code, _, err = cli(capsys, *argv, "--out", out)
         refused(code, err, *needles)
     assert not out.exists()
+    folder = default_copy("push-eval-device")
+    (folder / "README.md").unlink()
+    code, _, err = cli(capsys, "push", folder, "--repo-id", "org/name", "--dry-run", "--eval", "/dev/zero")
+    refused(code, err, "--eval file /dev/zero", "character device")
+    assert not (folder / "README.md").exists()
 
 
 def test_calibration_budgets_against_the_text_and_memory(tmp_path, capsys):

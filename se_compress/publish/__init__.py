@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from ..errors import SECompressError
+from ..inputs import REPORT_LIMIT, regular_file
 from ..ownership import is_own_file, mark
 from .card import build_model_card, find_evaluation
 
@@ -85,6 +86,8 @@ def push_checkpoint(checkpoint, repo_id: str, *, private: bool = False, dry_run:
     token = None if dry_run else _token(token_env)  # fail on a missing token before writing anything
     if eval_file is not None and not Path(eval_file).exists():
         raise SECompressError(f"--eval file not found: {eval_file} (pass an eval.json or compare.json)")
+    if eval_file is not None and not Path(eval_file).is_dir():
+        regular_file(eval_file, "--eval file", REPORT_LIMIT)  # a device or FIFO: one line, never read (inputs.py)
     evaluation, found = find_evaluation(folder, Path(eval_file) if eval_file else None)
 
     card, meta = build_model_card(folder, repo_id, evaluation=evaluation, base_model=base_model, license=license)
