@@ -161,6 +161,7 @@ def _compress(recipe, model, out, force, progress, evaluate) -> Path:
         (final / "recipe.json").write_text(json.dumps({"recipe": recipe.model_dump(), "model": model,
                                                         "source_fingerprint": fingerprint(src),
                                                         "seconds": round(time.time() - start, 1)}, indent=2))
+        mark(final, ["recipe.json"])  # ours (ownership.py): the comparison is written into this folder next
         if evaluate and recipe.evaluate.tasks and final.joinpath("config.json").exists():
             table = evaluate_beside_baselines(recipe, model, final, out, progress)
             write_table(table, final)
