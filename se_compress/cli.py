@@ -11,6 +11,7 @@ from pathlib import Path
 
 from . import distributed
 from .errors import SECompressError
+from .signals import EXIT_TERMINATED, Terminated, received, terminate_like_interrupt
 from .validate import (HelpFormatter, OneLineParser, check_args, fraction_up_to_one, group_size, non_negative_int,
                        open_fraction, positive_float, positive_int, sequence_length)
 
@@ -523,6 +524,10 @@ class _InterruptFlag:
 
 def _one_line(exc: BaseException, interrupted: bool) -> int:
     """The exit status for an exception, after printing it as one line; anything unexpected is re-raised."""
+    if isinstance(exc, Terminated) or received():  # SIGTERM ends a command as Ctrl-C does (signals.py)
+        print("\nerror: terminated (SIGTERM); nothing was left half-written (outputs go through a temporary folder)",
+              file=sys.stderr)
+        return EXIT_TERMINATED
     if isinstance(exc, KeyboardInterrupt) or interrupted:
         # a progress bar is usually mid-line when Ctrl-C comes: the error starts a line of its own
         print("\nerror: interrupted; nothing was left half-written (outputs go through a temporary folder)", file=sys.stderr)
@@ -549,7 +554,7 @@ def main(argv=None):
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    with _InterruptFlag() as flag:
+    with _InterruptFlag() as flag, terminate_like_interrupt():
         try:
             if args.nproc is not None and not os.environ.get("RANK"):
                 check_args(args)  # every option and input, before any process is started (validate.py)

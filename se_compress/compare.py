@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from .errors import SECompressError
+from .ownership import mark
 from .models.handle import fingerprint, open_model  # noqa: F401 (fingerprint: moved to models/handle.py, still here)
 from .recipe import EvaluateOptions, Recipe
 
@@ -50,6 +51,7 @@ def evaluate_cached(model: str, options: EvaluateOptions, out: Path, label: str,
     result = evaluate_checkpoint(model, options.tasks, options.limit, out, seqlen=options.seqlen,
                                  max_windows=options.max_windows, label=label, progress=progress)
     stamp.write_text(json.dumps(request, indent=2))  # written last: an interrupted evaluation is not reused
+    mark(out, [stamp.name])  # ours (ownership.py)
     return result
 
 

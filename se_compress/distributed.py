@@ -23,6 +23,7 @@ import time
 import torch
 
 from .errors import SECompressError
+from .signals import EXIT_TERMINATED, Terminated, restored  # SIGTERM unwinds like KeyboardInterrupt, cleaning up
 
 DISTRIBUTED_COMMANDS = ("detect", "quantize", "compress")
 LAUNCHER_ENV = "SE_COMPRESS_LAUNCHER"  # set by `se-compress --nproc N` for its workers
@@ -33,8 +34,6 @@ class PeerFailed(RuntimeError):
     """A collective failed: another rank is gone (or stopped answering)."""
 
 
-class Terminated(BaseException):
-    """SIGTERM (torchrun stops the other ranks when one fails): unwinds like KeyboardInterrupt, cleaning up."""
 
 
 class _State:
@@ -186,6 +185,13 @@ def session(command: str, device_spec: str | None = None):
     if not (_launched() and int(os.environ["WORLD_SIZE"]) > 1):
         yield
         return
+    with restored(signal.SIGTERM):  # the handlers set below are put back when the run ends (signals.py)
+        with _session(command, device_spec):
+            yield
+
+
+@contextlib.contextmanager
+def _session(command: str, device_spec: str | None):
     try:
         init_from_env(command, device_spec)
         yield
@@ -212,7 +218,8 @@ def _failure_line(exc: BaseException) -> tuple[int, str]:
             return 1, (f"error: rank {names} failed (its process ended); every rank stopped and nothing was written "
                        f"at the output name: re-run to start cleanly")
         if isinstance(exc, Terminated):
-            return 1, f"error: {me} was stopped (SIGTERM) before it finished; nothing was written at the output name"
+            return EXIT_TERMINATED, (f"error: {me} was stopped (SIGTERM) before it finished; nothing was written at "
+                                     f"the output name")
         return 1, f"error: {me} lost its peers: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
     if isinstance(exc, SECompressError):
         if not is_main():
@@ -324,8 +331,16 @@ def launch(nproc: int, argv: list[str]) -> int:
         logging.getLogger(name).setLevel(logging.CRITICAL)
     os.environ[LAUNCHER_ENV] = "1"
     args = parse_args(["--standalone", "--nproc-per-node", str(nproc), "-m", "se_compress", *argv])
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
     try:
-        run(args)
+        # torchrun's agent sets its own SIGTERM/SIGINT/SIGHUP/SIGQUIT handlers and leaves them: put ours back after
+        with restored(signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
+            run(args)
+    except SignalException as exc:  # the agent stopped its workers and re-raises the signal it got
+        if exc.sigval == signal.SIGINT:
+            raise KeyboardInterrupt from None
+        raise Terminated from None
     except ChildFailedError as exc:
         failed_rank, failure = exc.get_first_failure()
         if failure.exitcode < 0:  # killed (OOM killer, SIGKILL): it could not say so itself

@@ -27,6 +27,7 @@ from .errors import SECompressError
 from .export.writer import check_output_path
 from .models.handle import ModelHandle, open_model
 from .output import replace_folder
+from .ownership import mark
 from .recipe import EvaluateOptions, Recipe, available_recipes, load_recipe
 
 
@@ -120,6 +121,7 @@ def evaluate_beside_baselines(recipe: Recipe, model: ModelHandle, result: Path, 
     this = evaluate_cached(str(result), evaluate, result / "eval", recipe.name, options.progress)
     this["path"] = str(out)  # where it will be once renamed; eval.json is rewritten with it
     (result / "eval" / "eval.json").write_text(json.dumps(this, indent=2))
+    mark(result / "eval", ["eval.json"])  # rewritten by us: still ours (ownership.py)
     rows.insert(1, dict(table_row(recipe.name, recipe, result, this, base), path=str(out)))
     return {"model": model.name, "tasks": evaluate.tasks, "evaluate": evaluate.model_dump(), "rows": rows}
 
@@ -215,6 +217,7 @@ def _compress(recipe: Recipe, base: ModelHandle, out, force: bool, evaluate: boo
         (final / "recipe.json").write_text(json.dumps({"recipe": recipe.model_dump(), "model": base.name,
                                                         "source_fingerprint": base.fingerprint,
                                                         "seconds": round(time.time() - start, 1)}, indent=2))
+        mark(final, ["recipe.json"])  # ours (ownership.py): the comparison is written into this folder next
         if evaluate and recipe.evaluate.tasks and final.joinpath("config.json").exists():
             table = evaluate_beside_baselines(recipe, base, final, out, options)
             write_table(table, final)

@@ -11,12 +11,16 @@ def read_json_report(path, filename: str, what: str, written_by: str) -> dict:
     import json
     from pathlib import Path
 
+    from .inputs import REPORT_LIMIT, read_text
+
     path = Path(path)
     if path.is_dir():
         path = path / filename
+    if not path.exists():
+        raise SECompressError(f"{what} not found: {path} (run {written_by} first, or pass its {filename})")
     try:
-        return json.loads(path.read_text())
+        return json.loads(read_text(path, what, REPORT_LIMIT))  # a device or FIFO: one line, never read
     except FileNotFoundError:
         raise SECompressError(f"{what} not found: {path} (run {written_by} first, or pass its {filename})") from None
-    except ValueError:
+    except ValueError:  # UnicodeDecodeError included
         raise SECompressError(f"{path} is not valid JSON: pass the {filename} written by {written_by}") from None

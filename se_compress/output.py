@@ -1,9 +1,9 @@
 """Where se_compress writes, and the one rule for replacing what is there: nothing a user owns is ever lost.
 
-- An output folder is *ours* when it holds one of the reports se_compress writes next to everything it makes
-  (OWN_MARKERS: compression_report.json in every checkpoint, se_report.json, eval.json, ...), and that file reads
-  as ours. Only such a folder (or an empty one: nothing to lose) may be replaced (`--force`) or have its reports
-  rewritten. Any other existing folder or file is refused, whatever the flags.
+- An output folder is *ours* when the marker our writers leave in it lists every file it holds, unchanged
+  (ownership.py; a report file such as se_report.json is no proof: the shipped model holds one). Only such a folder
+  (or an empty one: nothing to lose) may be replaced (`--force`) or have its reports rewritten. Any other existing
+  folder or file, and any symbolic link, is refused, whatever the flags.
 - The output location is probed before any model work: a file is created and removed where the output will be
   created, so a read-only or missing location fails in seconds, not after a 40 s detection pass.
 - Replacement is atomic: the new output is written complete in a hidden folder next to it; the old one is
@@ -11,25 +11,13 @@
 - Written files get ordinary permissions (0666 & ~umask): safetensors' writer creates 0600 files.
 """
 import errno
-import json
 import os
 import shutil
 from pathlib import Path
 
 from . import distributed as dist
 from .errors import SECompressError
-
-# file name -> a key its JSON always has (a same-named file of another tool is not taken for ours)
-OWN_MARKERS = {
-    "compression_report.json": "method",
-    "se_report.json": "super_experts",
-    "eval.json": "kind",
-    "ablation.json": "se_ppl",
-    "compare.json": "rows",
-    "recipe.json": "recipe",
-    "stability.json": "stable",
-}
-
+from .ownership import foreign_file, mark
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -53,17 +41,8 @@ def ordinary_permissions(path: Path) -> None:
 
 
 def is_own_output(folder: Path) -> bool:
-    """True when `folder` holds a report se_compress wrote (see OWN_MARKERS)."""
-    for name, key in OWN_MARKERS.items():
-        f = Path(folder) / name
-        if f.is_file():
-            try:
-                data = json.loads(f.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                continue
-            if isinstance(data, dict) and key in data:
-                return True
-    return False
+    """True when se_compress wrote `folder` and everything in it (ownership.py: the marker its writers leave)."""
+    return foreign_file(folder) is None
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -118,14 +97,18 @@ def check_output(out, *, inputs=(), force: bool = False, kind: str = "checkpoint
         inside = src in real.parents
         if real == src or real in src.parents or (kind == "checkpoint" and inside):
             raise SECompressError(f"output {out} would overwrite the input model {src}: choose another --out")
+    if os.path.islink(out):
+        raise SECompressError(f"output {out} is a symbolic link: se_compress never follows or replaces a link; "
+                              f"pass the folder it points to, or another --out")
     if os.path.lexists(out):
         if not out.is_dir():
             raise SECompressError(f"output {out} is an existing file, not an se_compress output folder: se_compress "
                                   f"never replaces it; choose another --out")
-        if any(out.iterdir()) and not is_own_output(out):
-            raise SECompressError(f"output {out} is an existing folder that se_compress did not write (no "
-                                  f"compression_report.json, se_report.json or eval.json in it): se_compress never "
-                                  f"replaces it, even with --force; choose another --out or move it away")
+        foreign = foreign_file(out)
+        if foreign:
+            raise SECompressError(f"output {out} is an existing folder that se_compress did not write ({foreign}): "
+                                  f"se_compress never replaces it, even with --force; choose another --out or move "
+                                  f"it away")
         if kind == "checkpoint" and not force:
             raise SECompressError(f"output {out} already exists: choose another --out or pass --force to replace it")
         probe_writable(out if kind == "report" else _nearest_existing(out.parent), out)
@@ -137,6 +120,10 @@ def check_output(out, *, inputs=(), force: bool = False, kind: str = "checkpoint
 def replace_folder(new: Path, out: Path) -> Path:
     """Move the complete folder `new` to `out`; an existing `out` is deleted only after `new` is in its place."""
     new, out = Path(new), Path(out)
+    if os.path.islink(out):  # appeared while we worked: never followed, never renamed aside
+        raise SECompressError(f"output {out} became a symbolic link while se_compress worked: nothing replaced; "
+                              f"choose another --out")
+    mark(new)  # what counts as ours from now on (ownership.py)
     ordinary_permissions(new)
     if not os.path.lexists(out):
         os.replace(new, out)
@@ -164,9 +151,10 @@ def write_files_into(out: Path, files: dict, writers=()) -> Path:
     out = Path(out)
     if not dist.is_main():
         return out
-    if out.is_dir() and any(out.iterdir()) and not is_own_output(out):
-        raise SECompressError(f"{out} is a folder that se_compress did not write: not writing reports into it; "
-                              f"choose another --out")
+    foreign = foreign_file(out) if out.is_dir() and not os.path.islink(out) else None
+    if os.path.islink(out) or foreign:
+        raise SECompressError(f"{out} is {'a symbolic link' if os.path.islink(out) else 'a folder that se_compress did not write (' + foreign + ')'}: "
+                              f"not writing reports into it; choose another --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -179,9 +167,11 @@ def write_files_into(out: Path, files: dict, writers=()) -> Path:
             (staging / name).write_text(text)
         for write in writers:
             write(staging)
-        for f in sorted(staging.iterdir()):
+        written = sorted(staging.iterdir())
+        for f in written:
             ordinary_permissions(f)
             os.replace(f, out / f.name)
+        mark(out, [f.name for f in written])
     except OSError as exc:
         raise SECompressError(f"could not write {out}: {exc.strerror} (free space or choose another --out)") from None
     finally:

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import SECompressError
+from .inputs import RECIPE_LIMIT, read_text
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -158,7 +159,9 @@ def load_recipe(name_or_path: str) -> Recipe:
     if not path.exists():
         raise SECompressError(f"recipe '{name_or_path}' not found: use a file or one of {', '.join(available_recipes())}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(read_text(path, "recipe", RECIPE_LIMIT))  # a device or FIFO: one line, never read
+    except UnicodeDecodeError:
+        raise SECompressError(f"recipe {path} is not UTF-8 text: pass a YAML recipe") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""

@@ -10,6 +10,8 @@ where it happens and still ends in one line with nothing that looks complete (ex
 - Paths: the model folder (config.json parses, model_type supported, weights whole), calibration text (UTF-8,
   printable, long enough), JSON reports given as inputs, and the output location (output.check_output).
 - Layer lists inside the model's depth.
+- config.json against the safetensors headers' shapes (models/consistency.py); every input file a regular file of a
+  bounded size (inputs.py); the calibration activations within the memory available.
 """
 import argparse
 import json
@@ -76,11 +78,13 @@ def fraction_up_to_one(text: str) -> float:
 
 
 def group_size(text: str) -> int:
-    """32, 64, 128, ... weights per scale, or 'channel' (0: one scale per row)."""
-    if text in ("0", "channel", "per-channel", "-1"):
+    """32, 64, 128, ... weights per scale, or 'channel' (one scale per row, returned as 0). A count is at least 1:
+    0 (or -1, other tools' spelling) never silently means per-channel; 'channel' says it."""
+    if text in ("channel", "per-channel"):
         return 0
     if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be a number like 128, or 'channel' (got '{text}')")
+        raise argparse.ArgumentTypeError(f"must be a number like 128, or 'channel' for one scale per row (got '{text}'; "
+                                         f"0 never means per-channel)")
     return int(text)
 
 
@@ -135,6 +139,24 @@ def check_calibration(name: str, seqlen: int | None = None) -> None:
                           f"org/name[:split]")
 
 
+def check_calibration_memory(samples: int, seqlen: int, config: dict, device: str | None) -> None:
+    """The calibration activations fit in memory (inputs.check_activation_memory): fp32 on the CPU; bf16 on a GPU,
+    where they may also wait in host memory."""
+    from .inputs import available_memory, check_activation_memory
+
+    hidden = config.get("hidden_size")
+    if not isinstance(hidden, int) or hidden < 1:
+        return  # consistency.py names a bad hidden_size
+    available, bytes_per_value = available_memory(), 4
+    if str(device or "auto").lower() != "cpu":
+        import torch
+
+        if torch.cuda.is_available() and available is not None:
+            bytes_per_value = 2
+            available += torch.cuda.get_device_properties(0).total_memory
+    check_activation_memory(samples, seqlen, hidden, bytes_per_value, available)
+
+
 # ---- layers ----------------------------------------------------------------------------------------------------
 
 
@@ -172,6 +194,8 @@ def check_args(args) -> None:
         probe_writable(path, path)
     if getattr(args, "calib", None):
         check_calibration(args.calib, getattr(args, "seqlen", None))
+    if config and getattr(args, "samples", None) and getattr(args, "seqlen", None):
+        check_calibration_memory(args.samples, args.seqlen, config, getattr(args, "device", None))
     if getattr(args, "layers", None):
         check_layers(args.layers, config["num_hidden_layers"] if config else None)
     for attr, filename, what, writer in (("se_report", "se_report.json", "SE report", "se-compress detect"),

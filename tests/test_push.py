@@ -121,8 +121,8 @@ def test_push_uploads_exactly_the_checkpoint_and_the_card(family, tmp_path, prot
     (folder / ".cache" / "huggingface").mkdir(parents=True)
     (folder / ".cache" / "huggingface" / "upload.lock").write_text("not part of the checkpoint")
     (folder / ".notes.txt").write_text("hidden: not part of the checkpoint either (huggingface_hub would upload it)")
-    expected = {p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                if p.is_file() and not p.relative_to(folder).as_posix().startswith(".")} | {"README.md"}
+    expected = {p.relative_to(folder).as_posix() for p in folder.rglob("*")  # hidden files at any depth stay home
+                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)} | {"README.md"}
 
     with HubStandIn(TOKEN, lfs_suffixes=(".safetensors",) if protocol == "lfs" else ()) as hub:
         run = _run_push([folder, "--repo-id", "org/w4-se", "--private", "--base-model", BASE_HUB_ID],

@@ -250,11 +250,14 @@ def test_force_replaces_its_own_output_atomically_with_ordinary_modes(capsys, wo
     assert_refused(code, err, "already exists", "--force")
     assert _zeroed(out) == [(2, 5)]
 
-    (out / "stale.txt").write_text("from the old output")
+    (out / "notes.txt").write_text("the user's own notes, added to our output")  # no longer all ours
+    code, _, err = cli(capsys, "prune", model, "--zero", "1:3", "--out", out, "--force")
+    assert_refused(code, err, "did not write", "notes.txt")
+    assert (out / "notes.txt").exists() and _zeroed(out) == [(2, 5)]
+    (out / "notes.txt").unlink()
     code, _, err = cli(capsys, "prune", model, "--zero", "1:3", "--out", out, "--force")
     assert code == 0, err
-    assert _zeroed(out) == [(1, 3)]
-    assert not (out / "stale.txt").exists()  # the old output went whole, once the new one was in place
+    assert _zeroed(out) == [(1, 3)]  # the old output went whole, once the new one was in place
     assert sorted(p.name for p in workdir.iterdir() if p.name.startswith(".")) == []  # no .partial, no .old
 
 
@@ -263,7 +266,7 @@ def test_report_files_have_ordinary_modes(capsys, workdir, tiny_model):
     code, _, err = cli(capsys, "detect", tiny_model("qwen3_moe"), "--samples", "4", "--seqlen", "16", "--out", out)
     assert code == 0, err
     modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
-    assert set(modes) == {"se_report.json", "se_report.md", "se_heatmap.png", "se_top_experts.png",
+    assert set(modes) - {".se_compress-output.json"} == {"se_report.json", "se_report.md", "se_heatmap.png", "se_top_experts.png",
                           "massive_activations.png"}
     assert set(modes.values()) == {0o666 & ~_umask()}
     # A report folder of ours is updated in place; a second run needs no --force and leaves no staging folder.

@@ -85,8 +85,17 @@ def build_calibration(tokenizer, name_or_file: str, samples: int, seqlen: int, s
             f"calibration text {source} has {len(stream)} tokens, fewer than one sample of {seqlen}: "
             f"use a longer text or a smaller --seqlen"
         )
+    if len(usable) < samples:
+        # Drawing with replacement would repeat samples while the report says "N samples": a one-line text gave
+        # 64 copies of one sequence. Every sample is a distinct line start, or the budget is refused.
+        shape = ("it is one line, and a sample starts only at a line start" if len(lines) == 1 else
+                 f"{len(lines)} lines, {len(usable)} of them followed by {body} tokens")
+        raise SECompressError(
+            f"calibration text {source} has {len(usable)} distinct sample start(s) for --samples {samples} x --seqlen "
+            f"{seqlen} ({shape}): samples would repeat; use a longer text with more lines, fewer --samples or a "
+            f"shorter --seqlen")
     rng = np.random.default_rng(seed)
-    picks = rng.choice(usable, size=samples, replace=len(usable) < samples)
+    picks = rng.choice(usable, size=samples, replace=False)
     rows = [stream[s : s + body] for s in picks]
     if adds_bos:
         rows = [np.concatenate([[tokenizer.bos_token_id], r]) for r in rows]

@@ -2,14 +2,13 @@
 from pathlib import Path
 
 from ..errors import SECompressError
+from ..inputs import TEXT_LIMIT, regular_file
 
 
 def check_text_file(file: Path, what: str = "calibration file", min_bytes: int = 2) -> str:
     """The file's text: UTF-8, mostly printable, not empty, at least `min_bytes` long (a byte-level tokenizer
     makes at most one token per byte, so fewer bytes than tokens needed can never be enough)."""
-    file = Path(file)
-    if file.is_dir():
-        raise SECompressError(f"{what} {file} is a folder: pass a text file")
+    file = regular_file(file, what, TEXT_LIMIT)  # no device, FIFO or folder; not gigabytes
     try:
         data = file.read_bytes()
     except OSError as exc:

@@ -70,9 +70,12 @@ def collect_in_memory(ckpt: Checkpoint, input_ids: torch.Tensor, batch_size: int
     """Reference path: the whole model loaded with plain from_pretrained (small models, tests)."""
     from transformers import AutoModelForCausalLM
 
+    from ..models.finite import check_module_weights
+
     placement = current()
     model = AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=dtype or placement.compute_dtype,
                                                  trust_remote_code=ckpt.trust_remote_code)
+    check_module_weights(model, ckpt.path)  # NaN/Inf: one line (models/finite.py)
     model.to(placement.device).eval()
     config, adapter = model.config, adapter_for(model.config)
     seq_len = input_ids.shape[1]

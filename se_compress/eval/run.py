@@ -58,6 +58,8 @@ def load_full_model(ckpt: Checkpoint, dtype: torch.dtype, device: str) -> tuple[
     """(model, how it was loaded)."""
     from transformers import AutoModelForCausalLM
 
+    from ..models.finite import check_module_weights
+
     # The routed-experts target regex names per-expert modules (vLLM's layout); transformers 5 has fused experts
     # and applies the scheme through the "experts" substring, so compressed-tensors' "Could not match" is expected.
     logging.getLogger("compressed_tensors.utils.match").setLevel(logging.ERROR)
@@ -77,6 +79,9 @@ def load_full_model(ckpt: Checkpoint, dtype: torch.dtype, device: str) -> tuple[
     try:
         model = AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=dtype, trust_remote_code=ckpt.trust_remote_code)
         loader = "transformers AutoModelForCausalLM.from_pretrained"
+        check_module_weights(model, ckpt.path)  # our reader checks what it reads; transformers' does not
+    except SECompressError:
+        raise
     except Exception as exc:  # noqa: BLE001: any failure here has the same fallback, and it is recorded
         model = own_reader()
         loader = (f"se_compress reader (weights dequantized in memory): transformers could not load it "

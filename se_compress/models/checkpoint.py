@@ -6,6 +6,7 @@ import torch
 
 from ..errors import SECompressError
 from .files import check_pickle_file, check_safetensors_file, read_config
+from .finite import check_weight
 from .formats import stored_format
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "default_model" / "weights"
@@ -129,20 +130,21 @@ class Checkpoint:
 
     def get(self, name: str) -> torch.Tensor:
         """The tensor `name` as the model computes with it (dequantized where the checkpoint stores it quantized)."""
-        if name in self._derived:
-            return self.format.dequantize(*(self.get_stored(k) for k in self._derived[name]), name=name)
+        if name in self._derived:  # a stored FP8/MXFP4 code's NaN shows in the value it dequantizes to
+            value = self.format.dequantize(*(self.get_stored(k) for k in self._derived[name]), name=name)
+            return check_weight(value, name, self.stored_map[self._derived[name][0]].name)
         return self.get_stored(name)
 
     def get_stored(self, name: str) -> torch.Tensor:
         """The tensor `name` exactly as stored on disk."""
+        f = self.stored_map[name]
         if not self.is_safetensors:
-            return self._pickled[name]
+            return check_weight(self._pickled[name], name, f.name)
         from safetensors import safe_open
 
-        f = self.stored_map[name]
         if f not in self._handles:
             self._handles[f] = safe_open(f, "pt")
-        return self._handles[f].get_tensor(name)
+        return check_weight(self._handles[f].get_tensor(name), name, f.name)  # NaN/Inf: one line (finite.py)
 
     def release(self) -> None:
         """Drop the open (memory-mapped) files: pages read so far would otherwise stay mapped and count in RSS."""

@@ -7,6 +7,7 @@ import zipfile
 from pathlib import Path
 
 from ..errors import SECompressError
+from .consistency import check_consistency, read_shapes
 from .adapters import ADAPTERS
 
 
@@ -109,3 +110,4 @@ def check_weights(path: Path, config: dict, allow_pickle: bool) -> None:
             raise SECompressError(f"the weights in {path} have no tensors for layer(s) {absent[:5]}"
                                   f"{' ...' if len(absent) > 5 else ''} of the {config['num_hidden_layers']} in "
                                   f"config.json: a shard is missing or the checkpoint is incomplete; re-download it")
+    check_consistency(path, config, read_shapes(safetensors))  # config vs tensor shapes (consistency.py)

@@ -22,6 +22,7 @@ from torch import nn
 from ..errors import SECompressError
 from .adapters import adapter_for
 from .checkpoint import Checkpoint
+from .finite import check_activations
 from .placement import Placement, current
 
 LAYERS_PREFIX = "model.layers."
@@ -179,7 +180,8 @@ class StreamedModel:
         """The layer's output for `hidden`, held where the placement keeps activations."""
         args, kwargs = layer_args
         out = self.layers[idx](self.placement.to_compute(hidden), *args, **kwargs)
-        return self.placement.hold(out[0] if isinstance(out, tuple) else out)
+        out = check_activations(out[0] if isinstance(out, tuple) else out, idx)  # overflow: stop, layer named
+        return self.placement.hold(out)
 
     @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 
 from ..errors import SECompressError
+from ..inputs import REPORT_LIMIT, regular_file
+from ..ownership import is_own_file, mark
 from .card import build_model_card, find_evaluation
 
 __all__ = ["push_checkpoint", "upload_files", "build_model_card"]
@@ -77,15 +79,22 @@ def push_checkpoint(checkpoint, repo_id: str, *, private: bool = False, dry_run:
     Returns {"card", "files", "metadata", "url" (None on a dry run)}."""
     folder = _check_folder(checkpoint)
     _check_repo_id(repo_id)
+    readme = folder / "README.md"
+    if os.path.lexists(readme) and not is_own_file(readme):  # a hand-written card: never replaced (ownership.py)
+        raise SECompressError(f"{readme} was not written by se_compress (or was edited since): push never replaces it; "
+                              f"move it aside (e.g. to NOTES.md) and run push again")
     token = None if dry_run else _token(token_env)  # fail on a missing token before writing anything
     if eval_file is not None and not Path(eval_file).exists():
         raise SECompressError(f"--eval file not found: {eval_file} (pass an eval.json or compare.json)")
+    if eval_file is not None and not Path(eval_file).is_dir():
+        regular_file(eval_file, "--eval file", REPORT_LIMIT)  # a device or FIFO: one line, never read (inputs.py)
     evaluation, found = find_evaluation(folder, Path(eval_file) if eval_file else None)
 
     card, meta = build_model_card(folder, repo_id, evaluation=evaluation, base_model=base_model, license=license)
     tmp = folder / ".README.md.tmp"
     tmp.write_text(card, encoding="utf-8")
     tmp.replace(folder / "README.md")
+    mark(folder, ["README.md"], output=False)  # ours from now on, and the folder stays ours if it was
     relation = meta.get("base_model_relation", "none")
     echo(f"card: {folder / 'README.md'} (base_model {meta.get('base_model', 'not on the Hub: omitted')}, "
          f"relation {relation}, license {meta.get('license', 'not found')}, evaluation "

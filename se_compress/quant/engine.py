@@ -593,4 +593,7 @@ def quantize_model(model: str, out, *, method: str = "gptq", bits: int = 4, grou
     tmp = out_path / ".compression_report.json.tmp"
     tmp.write_text(json.dumps(report, indent=2))
     os.replace(tmp, out_path / "compression_report.json")
+    from ..ownership import mark
+
+    mark(out_path, ["compression_report.json"])  # rewritten by us: still ours (ownership.py)
     return out_path
