@@ -42,13 +42,12 @@ def default_out(model: str, path: Path) -> Path:
 
 
 def open_checkpoint(path: Path, allow_pickle: bool = False, trust_remote_code: bool = False) -> Checkpoint:
-    """A reader that returns dense weights: pack-quantized compressed-tensors checkpoints are dequantized."""
-    config = json.loads((path / "config.json").read_text())
-    qc = config.get("quantization_config") or {}
-    if qc.get("quant_method") == "compressed-tensors" and qc.get("format") == "pack-quantized":
-        from ..quant.compressed_tensors import PackedCheckpoint
+    """A reader that returns dense weights: compressed-tensors checkpoints (any writer) are dequantized through the
+    compressed-tensors library (models/ct_checkpoint.py)."""
+    from ..models.ct_checkpoint import CompressedTensorsCheckpoint, is_compressed_tensors
 
-        return PackedCheckpoint(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    if is_compressed_tensors(path):
+        return CompressedTensorsCheckpoint(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     return Checkpoint(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
 
 
@@ -191,8 +190,11 @@ def evaluate_checkpoint(model: str, tasks: list[str] | None = None, limit: int |
             "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
         },
         "compression": _compression_summary(path),
+        "reader": {"format": ckpt.describe(), "notes": ckpt.notes} if hasattr(ckpt, "notes") else None,
         "perplexity": {}, "tasks": {}, "sink": None, "repetition": None,
     }
+    for note in (result["reader"] or {}).get("notes", []):
+        say(f"[eval] note: {note}")
     wanted = {p.name for p in plan}
     timings = result["seconds_per_stage"] = {}
     for text in texts:
