@@ -71,6 +71,11 @@ def run_stage(stage, current: str, out: Path, se_report: dict, recipe: Recipe, p
                         text=o.text, progress=progress)
         write_ablation(result, out)
         return current  # the model is unchanged; the study is the output
+    elif stage.kind == "peer":
+        from .peers.stage import run_peer_stage
+
+        run_peer_stage(o, current, out, se_report, calib, CHECKPOINTS / ".peers", fingerprint(resolve_model(current)),
+                       progress)
     return str(out)
 
 
@@ -120,6 +125,9 @@ def _compress(recipe, model, out, force, progress, evaluate) -> Path:
     check_output_path(src, out, force)
     if evaluate and recipe.evaluate.tasks:
         check_evaluation(recipe, model, out)  # bad baselines or tasks fail now, not after the compression
+    from .peers import check_peers
+
+    check_peers(recipe)  # a peer stage whose tool is not set up: one line saying how, before any work
     for stage in recipe.stages:
         if stage.kind == "ablate":
             from .eval.perplexity import eval_text

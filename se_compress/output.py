@@ -27,6 +27,7 @@ OWN_MARKERS = {
     "compare.json": "rows",
     "recipe.json": "recipe",
     "stability.json": "stable",
+    "peer.json": "tool",  # a peer stage's checkpoint (se_compress/peers)
 }
 
 
