@@ -103,6 +103,14 @@ def calibration_ids(model_path: Path, calib: str, samples: int, seqlen: int, see
     return build_calibration(load_tokenizer(model_path), calib, samples, seqlen, seed).input_ids
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return False
+    return pid > 0
+
+
 def run_key(name: str, bits: int, group_size: int, ids, model_fingerprint: str, recipe_text: str | None) -> str:
     digest = hashlib.sha1(ids.numpy().tobytes() + model_fingerprint.encode() + (recipe_text or "").encode())
     return f"{name}-w{bits}g{group_size}{'-se' if recipe_text else ''}-{digest.hexdigest()[:12]}"
@@ -120,8 +128,13 @@ def run_peer(name: str, model_path: Path, ids, bits: int, group_size: int, out: 
     import torch
 
     partial = out.with_name("." + out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    owner = partial / "pid"
+    if owner.exists() and _alive(int(owner.read_text() or 0)):
+        raise SECompressError(f"peer '{name}' is already running this exact run (process {owner.read_text()}, "
+                              f"{partial}): wait for it, it will be reused")
+    shutil.rmtree(partial, ignore_errors=True)  # a killed run's leftovers
     partial.mkdir(parents=True)
+    owner.write_text(str(os.getpid()))
     torch.save(ids, partial / "calib_ids.pt")
     cmd = [str(p.python), str(HERE / p.script), "--model", str(model_path), "--calib-ids", str(partial / "calib_ids.pt"),
            "--bits", str(bits), "--group-size", str(group_size), "--out", str(partial / "model"),
