@@ -39,7 +39,14 @@ compress:  ## run a recipe from recipes/ on MODEL (default: the shipped model) [
 # all: every shipped recipe except studies (paper-ablation: `make compress RECIPE=paper-ablation`).
 RECIPES ?= all
 
-.PHONY: compare bench-bnb
+.PHONY: compare bench-bnb peers bench-peers
+peers:  ## create the peers' own venvs: llm-compressor 0.14.0.1 and GPTQModel 7.6.0 (build/<peer>-venv), for peer-* recipes
+	se-compress compare --setup-peers
+
+BITS_LIST ?= 4,3,2
+bench-peers: peers  ## ours naive / SE-aware, llm-compressor (+ our SE export), GPTQModel at W4/W3/W2 g32: one table with intervals
+	$(PYTHON) bench/peers_table.py --bits $(BITS_LIST)
+
 compare:  ## run or reuse RECIPES (default: all shipped) on MODEL; one table + chart in checkpoints/compare-<model>
 	se-compress compare --recipes $(RECIPES) --model $(MODEL) $(if $(OUT),--out $(OUT),)
 

@@ -72,6 +72,16 @@ def _criterion(args):
     return Criterion(args.quantile, args.max_fraction, layers, args.massive_ratio)
 
 
+def _export_tools(text: str) -> list[str]:
+    from .peers.export import EXPORTS
+
+    tools = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in tools if t not in EXPORTS]
+    if bad or not tools:
+        raise argparse.ArgumentTypeError(f"unknown export '{','.join(bad) or text}': use {', '.join(EXPORTS)}")
+    return tools
+
+
 def cmd_detect(args):
     from .detect import detect, write_report
     from .detect.stability import run_stability
@@ -93,6 +103,14 @@ def cmd_detect(args):
         result = run_stability(args.model, out, base_calib=args.calib, **common)
         print(f"stability: SE set {'stable' if result['stable'] else 'CHANGES'}; smallest budget with the full set: "
               f"{result['smallest_full_budget']} tokens (see {out}/stability.md)")
+    if args.export:
+        from .output import write_files_into
+        from .peers.export import export_text
+
+        files = dict(export_text(report, tool, args.export_bits, args.export_group_size, args.export_mode,
+                                 args.export_scope) for tool in args.export)
+        write_files_into(out, files)
+        print(f"export: {', '.join(f'{out}/{name}' for name in files)}")
     print(f"report: {out}/se_report.md")
 
 
@@ -141,7 +159,14 @@ def cmd_compare(args):
     from .compare import markdown
     from .driver import compare
 
-    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    if args.setup_peers:
+        from .peers import PEERS, setup_peer
+
+        for name in PEERS:
+            print(f"peer {name}: {setup_peer(name)}")
+        if not args.recipes:
+            return
+    recipes = [r.strip() for r in (args.recipes or "").split(",") if r.strip()]
     if not recipes:
         raise SECompressError("--recipes is empty: give a comma list of recipe names, e.g. qwen3-int4-se-protect,qwen3-int4-naive")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
@@ -310,6 +335,15 @@ def build_parser():
     p.add_argument("--in-memory", action="store_true", help="load the whole model instead of streaming layers (small models)")
     p.add_argument("--stability", action="store_true",
                    help="repeat detection over seeds, both shipped calibration sets and smaller token budgets")
+    p.add_argument("--export", type=_export_tools, default=[], metavar="TOOL[,TOOL]",
+                   help="also write the Super Experts as an llm-compressor recipe (llmcompressor) and/or a GPTQModel "
+                        "dynamic dict (gptqmodel) into the report folder")
+    p.add_argument("--export-bits", type=int, choices=[2, 3, 4, 8], default=4, help="bits of every other Linear in the export")
+    p.add_argument("--export-group-size", type=group_size, default=32, help="group size in the export")
+    p.add_argument("--export-mode", choices=["int8", "keep"], default="int8",
+                   help="SE experts at 8 bits (int8) or left in bf16 (keep: llm-compressor ignore / GPTQModel skip)")
+    p.add_argument("--export-scope", choices=["expert", "layer"], default="expert",
+                   help="the SE experts only (transformers), or every expert of their layers (vLLM: one scheme per MoE layer)")
     _device_arg(p)
     p.set_defaults(func=cmd_detect)
     _outputs(p, "detect", "report")
@@ -351,7 +385,9 @@ def build_parser():
                                    "from the same recipe and weights), evaluate every result and the base model with "
                                    "the same settings, and write compare.md (method, SE policy, size, perplexity, "
                                    "task scores, sink, D_sink, repetition, time), compare.json and compare.png.")
-    p.add_argument("--recipes", required=True, help="comma list of recipe names or YAML paths, or 'all' (every shipped "
+    p.add_argument("--setup-peers", action="store_true", help="create the peers' own venvs (llm-compressor "
+                   "0.14.0.1, GPTQModel 7.6.0; build/<peer>-venv) for peer-* recipes, then run --recipes if given")
+    p.add_argument("--recipes", default=None, help="comma list of recipe names or YAML paths, or 'all' (every shipped "
                    "recipe except studies)")
     p.add_argument("--model", default="default", help="checkpoint folder, Hub id or 'default' (the shipped model)")
     p.add_argument("--out", default=None, help="folder for the table (default checkpoints/compare-<model>)")

@@ -14,7 +14,7 @@ from pathlib import Path
 from .errors import SECompressError
 from .ownership import mark
 from .models.handle import fingerprint, open_model  # noqa: F401 (fingerprint: moved to models/handle.py, still here)
-from .recipe import EvaluateOptions, Recipe
+from .recipe import EvaluateOptions, Recipe, load_recipe
 
 CHECKPOINTS = Path("checkpoints")
 
@@ -41,7 +41,8 @@ def evaluate_cached(model: str, options: EvaluateOptions, out: Path, label: str,
 
     device = current().device.type
     model = open_model(model)  # the caller's handle, or opened here once (and handed on to the evaluation)
-    request = {"fingerprint": model.fingerprint, "options": options.model_dump(), "device": device}
+    request = {"fingerprint": model.fingerprint, "options": options.model_dump(), "device": device,
+               "per_window_nll": True}  # eval.json from before paired intervals is measured again
     stamp = out / "request.json"
     if (out / "eval.json").exists() and stamp.exists() and json.loads(stamp.read_text()) == request:
         if progress:
@@ -70,6 +71,9 @@ def describe(recipe: Recipe | None) -> tuple[str, str]:
         if stage.kind == "quantize":
             parts.append(f"{o.method.upper()} W{o.bits} g{o.group_size}")
             policies.append("+".join(o.se_policy))
+        elif stage.kind == "peer":
+            parts.append(f"{o.tool} GPTQ W{o.bits} g{o.group_size}")
+            policies.append(f"our SE list: {o.se_export}" if o.se_export != "none" else "none")
         elif stage.kind in ("prune", "merge"):
             size = f"-{o.fraction:.0%}" if o.fraction else f"keep {o.keep}"
             parts.append(f"{stage.kind} {size}" + (f" {o.criterion}" if stage.kind == "prune" else ""))
@@ -88,8 +92,14 @@ def table_row(name: str, recipe: Recipe | None, checkpoint: Path, result: dict, 
     meta_path = Path(checkpoint) / "recipe.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     method, policy = describe(recipe)
+    peer = json.loads((Path(checkpoint) / "peer.json").read_text()) if (Path(checkpoint) / "peer.json").exists() else {}
+    from .eval.intervals import intervals_between
+
     return {**result, "recipe": name, "method": method, "se_policy": policy, "size_mb": size_mb(checkpoint),
-            "compress_seconds": meta.get("seconds"), "metrics": metrics, "path": str(checkpoint)}
+            "compress_seconds": peer.get("seconds", meta.get("seconds")), "peak_rss_mib": peer.get("peak_rss_mib"),
+            "metrics": metrics, "path": str(checkpoint),
+            "vs_base": intervals_between(base, result) if recipe is not None else {},
+            "baselines": [load_recipe(b).name for b in recipe.baselines] if recipe is not None else []}
 
 
 def refuse_foreign(out: Path, recipe: Recipe, model: str) -> dict | None:
@@ -129,6 +139,8 @@ def perplexity_texts(table: dict) -> list[str]:
 
 
 def markdown(table: dict) -> str:
+    from .eval.intervals import MARK_NOTE, format_ratio, pair_lines
+
     texts = perplexity_texts(table)
     tasks = [t for t in table["tasks"] if t not in PPL_LABELS and t not in ("sink", "repetition")]
     head = ["recipe", "method", "SE policy", "size (MiB)"]
@@ -140,7 +152,8 @@ def markdown(table: dict) -> str:
         cells = [r["recipe"], r["method"], r["se_policy"], f"{r['size_mb']:.1f}"]
         for text in texts:
             ppl, base_ppl = _metric(r, f"{text}_ppl"), _metric(table["rows"][0], f"{text}_ppl")
-            cells += [_fmt(ppl), f"x{ppl / base_ppl:.3f}" if ppl and base_ppl else "-"]
+            vs_base = (r.get("vs_base") or {}).get(text) if r["recipe"] != "base" else None
+            cells += [_fmt(ppl), format_ratio(vs_base, ppl / base_ppl if ppl and base_ppl else None)]
         cells += [_fmt(_metric(r, t)) for t in tasks]
         cells += [_fmt(_metric(r, "sink_first_token")), _fmt(_metric(r, "d_sink")), _fmt(_metric(r, "repetition")),
                   "-" if r.get("compress_seconds") is None else f"{r['compress_seconds']:.0f}"]
@@ -151,7 +164,8 @@ def markdown(table: dict) -> str:
               + windows + "); sink: mean attention on "
               "the first token over layers; D_sink: change of the per-head first-token attention against the base "
               "(mean over layers); rep4: repeated 4-grams in greedy generations; time: compression wall time (the detection "
-              "pass is cached per model and shared by its recipes).", ""]
+              "pass is cached per model and shared by its recipes). vs base: " + MARK_NOTE + ".", ""]
+    lines += pair_lines(table["rows"], texts)
     return "\n".join(lines)
 
 

@@ -85,6 +85,11 @@ def run_stage(stage, current, out: Path, se_report: dict, recipe: Recipe, progre
                         text=o.text, progress=progress)
         write_ablation(result, out)
         return current  # the model is unchanged; the study is the output
+    elif stage.kind == "peer":
+        from .peers.stage import run_peer_stage
+
+        handle = open_model(current)
+        run_peer_stage(o, str(handle.path), out, se_report, calib, CHECKPOINTS / ".peers", handle.fingerprint, progress)
     return str(out)
 
 
@@ -176,6 +181,9 @@ def _compress(recipe: Recipe, base: ModelHandle, out, force: bool, evaluate: boo
     check_output_path(base.path, out, force)
     if evaluate and recipe.evaluate.tasks:
         check_evaluation(recipe, base.name, out)  # bad baselines or tasks fail now, not after the compression
+    from .peers import check_peers
+
+    check_peers(recipe)  # a peer stage whose tool is not set up: one line saying how, before any work
     for stage in recipe.stages:
         if stage.kind == "ablate":
             from .eval.perplexity import eval_text
@@ -243,6 +251,9 @@ def compare(recipes: list[str], model: str = "default", out: Path | None = None,
     if studies:
         raise SECompressError(f"{', '.join(studies)}: a study, not a compressed model; run it with se-compress "
                               "compress and leave it out of --recipes")
+    from .peers import check_peers
+
+    check_peers(*loaded)  # a peer that is not set up: one line, before anything is compressed
     first = loaded[0].evaluate
     for flag, value in (("--limit", limit), ("--max-windows", max_windows)):
         if value is not None and value < 1:
@@ -264,9 +275,11 @@ def compare(recipes: list[str], model: str = "default", out: Path | None = None,
 
 
 def expand_recipes(names: list[str]) -> list[str]:
-    """`all`: every shipped recipe that makes a compressed model (studies such as paper-ablation left out)."""
+    """`all`: every shipped recipe that makes a compressed model (studies such as paper-ablation left out, and the
+    peer-* recipes, which need the peers' venvs and hours on a CPU: name them, see bench/peers_table.py)."""
     if names == ["all"]:
-        return [name for name in available_recipes() if not _is_study(load_recipe(name))]
+        return [name for name in available_recipes()
+                if not _is_study(load_recipe(name)) and not any(s.kind == "peer" for s in load_recipe(name).stages)]
     return names
 
 

@@ -69,6 +69,15 @@ class QuantizeStage(Strict):
     layer_bits: int | None = None
 
 
+class PeerStage(Strict):
+    """Another tool's GPTQ on our calibration tokens, in its own venv (se_compress/peers/)."""
+    tool: Literal["llmcompressor", "gptqmodel"]
+    bits: Literal[2, 3, 4, 8] = 4
+    group_size: int = 32
+    se_export: Literal["none", "int8", "keep"] = Field("none", description="our SE list in the tool's config "
+                                                       "(se-compress detect --export): SE experts at 8 bits or bf16")
+
+
 class ZeroStage(Strict):
     experts: str = Field(..., description="'se', 'random:K' or 'L:E,L:E'")
 
@@ -79,23 +88,27 @@ class AblateStage(Strict):
     text: str = Field("wikitext2", description="perplexity text: wikitext2, books or a text file")
 
 
+STAGE_KINDS = ("prune", "merge", "quantize", "zero", "ablate", "peer")
+
+
 class Stage(Strict):
     prune: PruneStage | None = None
     merge: MergeStage | None = None
     quantize: QuantizeStage | None = None
     zero: ZeroStage | None = None
     ablate: AblateStage | None = None
+    peer: PeerStage | None = None
 
     @model_validator(mode="after")
     def exactly_one(self):
-        given = [k for k in ("prune", "merge", "quantize", "zero", "ablate") if getattr(self, k) is not None]
+        given = [k for k in STAGE_KINDS if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError("each stage is exactly one of prune, merge, quantize, zero, ablate")
+            raise ValueError("each stage is exactly one of " + ", ".join(STAGE_KINDS))
         return self
 
     @property
     def kind(self) -> str:
-        return next(k for k in ("prune", "merge", "quantize", "zero", "ablate") if getattr(self, k) is not None)
+        return next(k for k in STAGE_KINDS if getattr(self, k) is not None)
 
     @property
     def options(self):

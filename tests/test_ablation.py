@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from conftest import planted
 from se_compress.detect import detect
 from se_compress.detect.rule import Criterion
@@ -19,8 +21,12 @@ def test_ablation_zeroes_the_ses_and_draws_matching_random_sets(tiny_model, tmp_
         assert sorted(l for l, _ in draw) == sorted(l for l, _ in ses)
     assert result["se_ppl"] != result["base_ppl"]  # the planted SE's output reaches the logits
     assert len(result["sink_attention"]["base"]) == 4
+    se = result["intervals_vs_base"]["se"]  # paired over the same 6 windows as the base
+    assert se["windows"] == 6 and se["ratio"] == pytest.approx(result["se_ppl"] / result["base_ppl"])
+    assert se["low"] <= se["ratio"] <= se["high"] and len(result["intervals_vs_base"]) == 1 + 3 + 3
     out = write_ablation(result, tmp_path / "abl")
     saved = json.loads((out / "ablation.json").read_text())
     for key in ["base_ppl", "se_ppl", "random_ppl", "layer_matched_ppl", "sink_attention"]:
         assert key in saved
-    assert (out / "ablation.png").exists() and "| Super Experts |" in (out / "ablation.md").read_text()
+    md = (out / "ablation.md").read_text()
+    assert (out / "ablation.png").exists() and "| Super Experts |" in md and f"[{se['low']:.3f}, {se['high']:.3f}]" in md

@@ -73,6 +73,12 @@ def test_compress_writes_checkpoint_reports_and_comparison_and_leaves_the_input_
     # The comparison is printed, with the naive twin beside the result.
     assert "| tiny-int4-se |" in printed and "| tiny-int4-naive |" in printed and "| base |" in printed
     assert "books ppl" in printed and "WikiText-2 ppl" in printed
+    # Every ratio has its paired interval over the same windows; the recipe is compared with its twin too.
+    for text in ("wikitext2", "books"):
+        iv = ours["vs_base"][text]
+        assert iv["windows"] == 6 and iv["low"] <= iv["ratio"] <= iv["high"]
+        assert iv["ratio"] == pytest.approx(ours["metrics"][f"{text}_ppl"] / base["metrics"][f"{text}_ppl"])
+    assert "- tiny-int4-se / tiny-int4-naive: wikitext2 x" in printed and "95% paired bootstrap" in printed
 
     # A second run refuses to overwrite; --force replaces, reusing the base and twin evaluations.
     assert main(["compress", "--recipe", str(recipe), "--model", str(model), "--out", str(out)]) == 2

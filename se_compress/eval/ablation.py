@@ -11,6 +11,7 @@ from ..detect import detect
 from ..errors import SECompressError
 from ..models.handle import open_model
 from ..models.edit import zero_experts
+from .intervals import MARK_NOTE, format_ratio, paired_bootstrap_ratio
 from .perplexity import default_seqlen, eval_text, perplexity_streamed, text_windows
 from .sink import d_sink, first_token_attention
 
@@ -57,7 +58,7 @@ def ablate(model: str, se_report: dict | None = None, draws: int = 5, seed: int 
 
     def ppl(experts):
         hook = _hook(adapter, experts) if experts else None
-        return perplexity_streamed(ckpt, windows, layer_hook=hook, progress=False)["ppl"]
+        return perplexity_streamed(ckpt, windows, layer_hook=hook, progress=False)
 
     conditions = [("base", [])] + [("se", ses)] + [(f"random {i}", s) for i, s in enumerate(random_sets)] + \
                  [(f"layer-matched {i}", s) for i, s in enumerate(matched_sets)]
@@ -74,14 +75,19 @@ def ablate(model: str, se_report: dict | None = None, draws: int = 5, seed: int 
         "random_zeroed": first_token_attention(ckpt, sink_in, _hook(adapter, random_sets[0])),
     }
     mean = lambda per_layer: [sum(h) / len(h) for h in per_layer]
+    base = results["base"]
+    vs_base = lambda name: paired_bootstrap_ratio(base["window_nll"], results[name]["window_nll"],
+                                                  base["tokens"] // base["windows"])
     return {
         "model": model,
         "super_experts": [list(k) for k in ses],
-        "base_ppl": results["base"],
-        "se_ppl": results["se"],
-        "random_ppl": [results[f"random {i}"] for i in range(draws)],
+        "base_ppl": base["ppl"],
+        "se_ppl": results["se"]["ppl"],
+        "random_ppl": [results[f"random {i}"]["ppl"] for i in range(draws)],
         "random_experts": [[list(k) for k in s] for s in random_sets],
-        "layer_matched_ppl": [results[f"layer-matched {i}"] for i in range(draws)],
+        "layer_matched_ppl": [results[f"layer-matched {i}"]["ppl"] for i in range(draws)],
+        "intervals_vs_base": {name: vs_base(name) for name, _ in conditions if name != "base"},
+        "window_nll": {name: r["window_nll"] for name, r in results.items()},
         "layer_matched_experts": [[list(k) for k in s] for s in matched_sets],
         "sink_attention": {
             "definition": "per layer: mean over heads and query positions t>=1 of attention on position 0",
@@ -101,6 +107,8 @@ def ablate(model: str, se_report: dict | None = None, draws: int = 5, seed: int 
 
 def ablation_markdown(result: dict) -> str:
     base = result["base_ppl"]
+    intervals = result.get("intervals_vs_base") or {}  # ablation.json written before intervals has none
+    vs = lambda name, p: format_ratio(intervals.get(name), p / base)
     mean = lambda xs: sum(xs) / len(xs)
     ev = result["eval"]
     lines = [
@@ -112,14 +120,16 @@ def ablation_markdown(result: dict) -> str:
         "| condition | experts zeroed | perplexity | x base |",
         "|---|---|---:|---:|",
         f"| base | none | {base:.2f} | 1.00 |",
-        f"| Super Experts | {result['super_experts']} | {result['se_ppl']:.2f} | {result['se_ppl'] / base:.2f} |",
+        f"| Super Experts | {result['super_experts']} | {result['se_ppl']:.2f} | {vs('se', result['se_ppl'])} |",
     ]
     for i, (p, s) in enumerate(zip(result["random_ppl"], result["random_experts"])):
-        lines.append(f"| random draw {i} | {s} | {p:.2f} | {p / base:.3f} |")
+        lines.append(f"| random draw {i} | {s} | {p:.2f} | {vs(f'random {i}', p)} |")
     lines.append(f"| random, mean of {len(result['random_ppl'])} | | {mean(result['random_ppl']):.2f} | "
                  f"{mean(result['random_ppl']) / base:.3f} |")
     for i, (p, s) in enumerate(zip(result["layer_matched_ppl"], result["layer_matched_experts"])):
-        lines.append(f"| layer-matched draw {i} | {s} | {p:.2f} | {p / base:.3f} |")
+        lines.append(f"| layer-matched draw {i} | {s} | {p:.2f} | {vs(f'layer-matched {i}', p)} |")
+    if intervals:
+        lines += ["", MARK_NOTE + " (the same windows for every condition)."]
     sink = result["sink_attention"]
     lines += ["", f"Attention on the first token ({sink['definition']}; {sink['windows']} windows):", "",
               "| layer | base | SEs zeroed | random zeroed | D_sink (SEs) | D_sink (random) |", "|---:|---:|---:|---:|---:|---:|"]

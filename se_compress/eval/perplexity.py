@@ -13,6 +13,7 @@ Qwen3-style tokenizers add none, and their windows are plain.
 `layer_hook(layer_idx, layer)` runs after each layer is loaded and before it is used: the ablations and
 fake-quantized evaluations change weights there, so the checkpoint on disk is never touched.
 """
+import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -110,22 +111,33 @@ def perplexity_streamed(ckpt: Checkpoint, windows: torch.Tensor, batch_size: int
         return []
 
     batches, hidden = stream_layers(sm, windows, batch_size, accumulators, progress=progress, desc="ppl layers")
-    total, count = 0.0, 0
+    window_nll, count = [], 0
     for h, batch in zip(hidden, batches):
         for j in range(batch.shape[0]):  # one window of logits at a time: [L, vocab] can be large
             s, n = nll_sum(sm.logits(h[j : j + 1]), batch[j : j + 1])
-            total, count = total + s, count + n
+            window_nll.append(s)
+            count += n
+    return _result(window_nll, count, windows)
+
+
+def _result(window_nll: list[float], count: int, windows: torch.Tensor) -> dict:
+    """ppl over all windows, and each window's summed NLL (for paired intervals, eval/intervals.py) with a hash of
+    the windows' token ids (intervals pair only results measured on the same windows)."""
+    total = sum(window_nll)
     return {"ppl": math.exp(total / count), "nll": total / count, "tokens": count, "windows": windows.shape[0],
-            "seqlen": windows.shape[1]}
+            "seqlen": windows.shape[1], "window_nll": window_nll,
+            "window_ids_sha1": hashlib.sha1(windows.to(torch.int64).numpy().tobytes()).hexdigest()}
 
 
 @torch.no_grad()
 def perplexity_in_memory(model, windows: torch.Tensor, batch_size: int = 8) -> dict:
     """Same numbers for a model already in memory (a fake-quantized one, a small one)."""
-    total, count = 0.0, 0
+    window_nll, count = [], 0
     for i in range(0, windows.shape[0], batch_size):
         batch = windows[i : i + batch_size]
-        s, n = nll_sum(model(input_ids=batch.to(model.device), use_cache=False).logits, batch)
-        total, count = total + s, count + n
-    return {"ppl": math.exp(total / count), "nll": total / count, "tokens": count, "windows": windows.shape[0],
-            "seqlen": windows.shape[1]}
+        logits = model(input_ids=batch.to(model.device), use_cache=False).logits
+        for j in range(batch.shape[0]):
+            s, n = nll_sum(logits[j : j + 1], batch[j : j + 1])
+            window_nll.append(s)
+            count += n
+    return _result(window_nll, count, windows)

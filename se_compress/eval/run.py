@@ -43,14 +43,15 @@ def default_out(model: str, path: Path) -> Path:
 
 
 def open_checkpoint(handle: ModelHandle) -> Checkpoint:
-    """A reader that returns dense weights: pack-quantized compressed-tensors checkpoints are dequantized."""
-    qc = handle.config_dict.get("quantization_config") or {}
-    if qc.get("quant_method") == "compressed-tensors" and qc.get("format") == "pack-quantized":
-        from ..quant.compressed_tensors import PackedCheckpoint
+    """A reader that returns dense weights: compressed-tensors checkpoints (any writer) are dequantized through the
+    compressed-tensors library (models/ct_checkpoint.py)."""
+    qc = handle.config_dict.get("quantization_config") or handle.config_dict.get("compression_config") or {}
+    if isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors":
+        from ..models.ct_checkpoint import CompressedTensorsCheckpoint
 
-        return PackedCheckpoint(handle.path, allow_pickle=handle.allow_pickle,
-                                trust_remote_code=handle.trust_remote_code, config_dict=handle.config_dict,
-                                config=handle.config)
+        return CompressedTensorsCheckpoint(handle.path, allow_pickle=handle.allow_pickle,
+                                           trust_remote_code=handle.trust_remote_code, config_dict=handle.config_dict,
+                                           config=handle.config)
     return handle.checkpoint
 
 
@@ -198,8 +199,11 @@ def evaluate_checkpoint(model: str, tasks: list[str] | None = None, limit: int |
             "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
         },
         "compression": _compression_summary(path),
+        "reader": {"format": ckpt.describe(), "notes": ckpt.notes} if hasattr(ckpt, "notes") else None,
         "perplexity": {}, "tasks": {}, "sink": None, "repetition": None,
     }
+    for note in (result["reader"] or {}).get("notes", []):
+        say(f"[eval] note: {note}")
     wanted = {p.name for p in plan}
     timings = result["seconds_per_stage"] = {}
     for text in texts:

@@ -137,6 +137,27 @@ def describe_compression(report: dict | None) -> dict:
             "transformers": "see compression_report.json", "vllm": "see compression_report.json", "deployable": True}
 
 
+def describe_foreign_quantization(folder: Path) -> dict:
+    """A checkpoint another tool quantized (llm-compressor, GPTQModel...): what its config.json says, no report."""
+    config = _read_json(Path(folder) / "config.json") or {}
+    qc = config.get("quantization_config") or {}
+    if qc.get("quant_method") != "compressed-tensors":
+        return describe_compression(None)
+    groups = []
+    for name, group in (qc.get("config_groups") or {}).items():
+        w, a = group.get("weights") or {}, group.get("input_activations") or {}
+        label = f"W{w.get('num_bits', 16)}" + ("fp" if w.get("type") == "float" else "")
+        label += f"A{a['num_bits']}" if a else "A16"
+        label += f" g{w['group_size']}" if w.get("group_size") else ""
+        groups.append(f"{label} on {', '.join(f'`{t}`' for t in group.get('targets', []))}")
+    summary = (f"compressed-tensors `{qc.get('format')}` written by another tool (no compression_report.json): "
+               + "; ".join(groups) + f"; {len(qc.get('ignore') or [])} ignore entries.")
+    return {"kind": "quantized", "summary": summary, "tags": ["quantized", "compressed-tensors"], "deployable": True,
+            "transformers": "yes: compressed-tensors (`pip install compressed-tensors`)",
+            "vllm": "yes, expected: compressed-tensors (not run here)",
+            "note": "se_compress evaluates it through compressed-tensors' own matching (models/ct_checkpoint.py)."}
+
+
 def _describe_quant(report: dict) -> dict:
     bits, method = report.get("bits"), str(report.get("method", "")).upper()
     group = f"g{report['group_size']}" if report.get("group_size") else "per-channel"
@@ -280,7 +301,7 @@ def build_model_card(folder: Path, repo_id: str, *, evaluation: dict | None = No
     recipe = _read_json(folder / "recipe.json")
     made_from = (compression or {}).get("model") or (recipe or {}).get("model")  # as the compressor was given it
     source = base_model or made_from
-    info = describe_compression(compression)
+    info = describe_compression(compression) if compression else describe_foreign_quantization(folder)
     # the base model's card: the folder (or shipped model) it was made from, else the Hub card of --base-model
     license = license or base_model_card_license(made_from) or (base_model_card_license(base_model) if base_model else None)
 

@@ -1,5 +1,5 @@
-"""The compressed-tensors `pack-quantized` checkpoint: config.json's quantization_config, on-disk tensor names,
-and a reader that dequantizes such a checkpoint for se_compress's own streamed evaluation.
+"""The compressed-tensors `pack-quantized` checkpoint we write: config.json's quantization_config and the on-disk
+tensor names. Reading (ours and any other writer's) is models/ct_checkpoint.py, through the library itself.
 
 What loads where (measured here with transformers 5.23 + compressed-tensors 0.20 on CPU, tests check it):
 - Routed experts are written per expert (`...experts.{e}.down_proj.weight_packed / weight_scale / weight_shape`).
@@ -18,9 +18,9 @@ import re
 
 import torch
 
-from ..models.checkpoint import Checkpoint
-from .pack import pack_int32, pack_zero_point, unpack_int32, unpack_zero_point
-from .rtn import QuantSpec, Quantized, dequantize
+from ..models.ct_checkpoint import CompressedTensorsCheckpoint
+from .pack import pack_int32, pack_zero_point
+from .rtn import QuantSpec, Quantized
 
 SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
 
@@ -90,42 +90,5 @@ def packed_tensors(prefix: str, qt: Quantized) -> dict[str, torch.Tensor]:
     return out
 
 
-class PackedCheckpoint(Checkpoint):
-    """A pack-quantized checkpoint read as a dense one: `get('x.weight')` dequantizes x.weight_packed with the
-    scheme of its config group. se_compress's own loader: StreamedModel / perplexity_streamed take it as is,
-    including the layer-wise mixed schemes that transformers 5.23 cannot load."""
-
-    def __init__(self, path, **kwargs):
-        super().__init__(path, raw=True, **kwargs)  # its own reading of the packed tensors below
-        import json
-
-        config = self._config_dict if self._config_dict is not None else json.loads((self.path / "config.json").read_text())
-        qc = config.get("quantization_config") or {}
-        self.groups = []
-        for group in (qc.get("config_groups") or {}).values():
-            w = group["weights"]
-            spec = QuantSpec(w["num_bits"], w.get("group_size") if w["strategy"] == "group" else None, w["symmetric"])
-            patterns = [re.compile(t[3:]) for t in group["targets"] if t.startswith("re:")]
-            self.groups.append((patterns, spec))
-        self.packed = {k[: -len("weight_packed")] for k in self.weight_map if k.endswith("weight_packed")}
-        for prefix in self.packed:
-            self.weight_map[prefix + "weight"] = self.weight_map[prefix + "weight_packed"]
-
-    def spec_for(self, prefix: str) -> QuantSpec:
-        name = prefix.rstrip(".")
-        for patterns, spec in self.groups:
-            if any(p.fullmatch(name) or p.match(name) for p in patterns):
-                return spec
-        raise KeyError(f"no config group of {self.path} targets {name}")
-
-    def get(self, name: str) -> torch.Tensor:
-        prefix = name[: -len("weight")] if name.endswith("weight") else None
-        if prefix is None or prefix not in self.packed:
-            return super().get(name)
-        spec = self.spec_for(prefix)
-        rows, cols = super().get(prefix + "weight_shape").tolist()
-        q = unpack_int32(super().get(prefix + "weight_packed"), spec.bits, cols)
-        scale = super().get(prefix + "weight_scale")
-        zero = (unpack_zero_point(super().get(prefix + "weight_zero_point"), spec.bits, rows)
-                if prefix + "weight_zero_point" in self.weight_map else None)
-        return dequantize(q, scale, zero, spec)
+# Reading: any compressed-tensors checkpoint, ours included, through the library's own matching and decompressors.
+PackedCheckpoint = CompressedTensorsCheckpoint
