@@ -79,3 +79,21 @@ def check_activation_memory(samples: int, seqlen: int, hidden_size: int, bytes_p
         raise SECompressError(f"--samples {samples} x --seqlen {seqlen} needs at least {need / 2**30:.1f} GiB for the "
                               f"activations (2 x tokens x hidden {hidden_size} x {bytes_per_value} bytes), more than "
                               f"the {available / 2**30:.1f} GiB available: use at most --samples {fits} at this --seqlen")
+
+
+def read_json_report(path, filename: str, what: str, written_by: str) -> dict:
+    """A JSON report se_compress wrote (`filename`, `what` it holds), given as the file or the folder holding it; a
+    missing or broken file is one line that says which command writes it."""
+    import json
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / filename
+    if not path.exists():
+        raise SECompressError(f"{what} not found: {path} (run {written_by} first, or pass its {filename})")
+    try:
+        return json.loads(read_text(path, what, REPORT_LIMIT))  # a device or FIFO: one line, never read
+    except FileNotFoundError:
+        raise SECompressError(f"{what} not found: {path} (run {written_by} first, or pass its {filename})") from None
+    except ValueError:  # UnicodeDecodeError included
+        raise SECompressError(f"{path} is not valid JSON: pass the {filename} written by {written_by}") from None

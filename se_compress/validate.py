@@ -19,7 +19,8 @@ import re
 from pathlib import Path
 
 from .data.textfile import check_text_file
-from .errors import SECompressError, read_json_report
+from .errors import SECompressError
+from .inputs import read_json_report
 from .models.files import check_pickle_file, check_weights, read_config
 
 # ---- numbers: argparse types (an ArgumentTypeError becomes one line through OneLineParser) ----------------------

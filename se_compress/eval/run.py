@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import SECompressError, read_json_report
+from ..errors import SECompressError
+from ..inputs import read_json_report
 from ..models.checkpoint import DEFAULT_MODEL_DIR, Checkpoint
 from ..models.handle import ModelHandle, open_model
 from .tasks import DEFAULT_TASKS, PERPLEXITY, parse_task_list, plan_tasks, primary_metric, task_manager

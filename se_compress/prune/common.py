@@ -5,7 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import SECompressError, read_json_report
+from ..errors import SECompressError
+from ..inputs import read_json_report
 from ..export.writer import CheckpointWriter
 from ..models.formats import rewritten_config
 
