@@ -30,6 +30,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 FULL_TOKENS = 128 * 2048  # the issue's detection/calibration budget
 
@@ -280,13 +281,39 @@ def worker_solve(args) -> dict:
             "peak_gpu_gb_batched": (peak_batched or 0) / 2**30 if placement.is_cuda else None}
 
 
+def worker_passes(args) -> dict:
+    """Each pass of one layer of `args.model` as a share of this process's measured matmul rate (bench/efficiency.py)."""
+    import efficiency as eff
+
+    from se_compress.models.adapters import adapter_for
+    from se_compress.models.placement import use_device
+
+    with use_device(args.device) as placement:
+        dev, dtype = placement.device, placement.compute_dtype
+        g = torch.Generator().manual_seed(0)
+        config = make_config(args.model, 2, 4096)
+        adapter = adapter_for(config)
+        base, layer, idx = eff.build_layer(config, dtype, dev, g)
+        batches, kwargs = [], None
+        for _ in range(args.samples // args.batch_size):
+            hidden, kwargs = eff.layer_inputs(base, layer, args.batch_size, args.seqlen, dtype, dev, g)
+            batches.append(hidden)
+        detect = eff.detect_pass(config, adapter, base, layer, idx, batches, kwargs, dtype, dev)
+        hess = eff.hessian_pass(config, adapter, layer, batches, dtype, dev)
+        collector = hess.pop("down_hessians")
+        E = adapter.num_experts(config)
+        gptq = eff.gptq_pass(config, adapter, layer, collector, min(E, args.experts or E), dev)
+    return {"detect": detect, "hessian": hess, **gptq, "threads": torch.get_num_threads(),
+            "placement": placement.describe()}
+
+
 def _sync(placement):
     if placement is not None and placement.is_cuda:
         torch.cuda.synchronize(placement.device)
 
 
 THREADS = [0]  # --threads: 0 = torch's default
-WORKERS = {"detect": worker_detect, "quantize": worker_quantize, "solve": worker_solve}
+WORKERS = {"detect": worker_detect, "quantize": worker_quantize, "solve": worker_solve, "passes": worker_passes}
 
 
 def run_worker(kind: str, log, **kw) -> dict:
@@ -320,7 +347,7 @@ def summarize(results: dict) -> dict:
     rows = []
     for name, r in results["models"].items():
         depth = MODELS[name]["depth"]
-        row = {"model": name, "layers_measured": r["layers"], "full_depth": depth}
+        row = {"model": name, "layers_measured": r.get("layers", "-"), "full_depth": depth, "passes": r.get("passes")}
         for kind in ("detect", "detect_small", "quantize"):
             m = r.get(kind)
             if not m or "error" in m:
@@ -352,10 +379,13 @@ def markdown(results: dict) -> str:
              "calibration, pack-quantized output, report metrics included.", ""]
     if not results["environment"]["cuda"]:
         lines += ["**No GPU was measured in this run.** The GPU figures need `bench/gpu_checks.sh` on a CUDA machine.", ""]
+    lines += passes_markdown(results)
     lines += ["| model | layers run | full depth | detect tokens | detect s/layer | detect full model (min) | "
               "GPTQ tokens | GPTQ s/layer | GPTQ full model (min) | peak RSS GiB (detect / GPTQ) | peak GPU GiB |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in results["rows"]:
+        if row["layers_measured"] == "-":  # --only-passes
+            continue
         d, q = row.get("detect") or {}, row.get("quantize") or {}
         gpu = "/".join(f"{x['peak_gpu_gb']:.1f}" for x in (d, q) if x and x.get("peak_gpu_gb") is not None) or "-"
         fmt = lambda x, k, f="{:.1f}": f.format(x[k]) if x and k in x else "-"  # noqa: E731
@@ -397,6 +427,47 @@ def markdown(results: dict) -> str:
                 lines.append(f"| {kind} | - | failed: {m['error']} | | | |")
     lines += ["", *[f"- {n}" for n in results.get("notes", [])]]
     return "\n".join(lines) + "\n"
+
+
+PASS_NAMES = {"detect": "detection (attention + routed experts, SE statistics)",
+              "hessian": "Hessians (all-expert: gate/up of every token, X^T X per expert)",
+              "gptq": "GPTQ W4 g128 solve (down_proj own H, gate/up shared H)",
+              "metrics": "report metrics (GPTQ and RTN output error)"}
+
+
+def passes_markdown(results: dict) -> list[str]:
+    """The per-pass efficiency table (bench/efficiency.py), with the earlier run's figures when --before is given."""
+    rows = [(name, r["passes"]) for name, r in results["models"].items() if r.get("passes")]
+    if not rows:
+        return []
+    before = results.get("before") or {}
+    lines = ["Each pass of one real-shaped layer as a share of this process's own matmul rate, measured right before "
+             "the pass on that pass's shapes and dtype (bench/efficiency.py: efficiency = needed FLOPs / (time x "
+             "measured rate); with several matmul kinds, the ideal time is the sum of each kind's FLOPs / rate).", "",
+             "| model | pass | tokens | needed GFLOP | measured rate GFLOP/s | ideal s | measured s | efficiency | "
+             "vs cached-weight rate |" + (" efficiency before |" if before else ""),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if before else "")]
+    for name, p in rows:
+        if "error" in p:
+            lines.append(f"| {name} | failed: {p['error']} | | | | | | | |" + (" |" if before else ""))
+            continue
+        for kind in ("detect", "hessian", "gptq", "metrics"):
+            m = p[kind]
+            tokens = m.get("tokens", f"{p['experts']} of {p['of_experts']} experts" if kind in ("gptq", "metrics") else "-")
+            old = ((before.get(name) or {}).get(kind) or {}).get("efficiency")
+            lines.append(f"| {name} | {PASS_NAMES[kind]} | {tokens} | {m['flops'] / 1e9:.0f} | {m['rate'] / 1e9:.0f} | "
+                         f"{m['ideal_seconds']:.2f} | {m['seconds']:.2f} | {100 * m['efficiency']:.0f}% | "
+                         + (f"{100 * m['efficiency_vs_cached_weights']:.0f}% |" if "efficiency_vs_cached_weights" in m
+                            else "- |")
+                         + (f" {100 * old:.0f}% |" if old is not None else (" - |" if before else "")))
+    lines.append("")
+    for name, p in rows:
+        if "error" not in p:
+            lines.append(f"- {name}: report metrics take {100 * p['metrics']['share_of_gptq_time']:.0f}% of the GPTQ "
+                         f"solve time; GPTQ solved {p['experts']} of {p['of_experts']} experts, in chunks of "
+                         f"{p['chunks']['down']} (down_proj) and {p['chunks']['gate_up']} (gate/up); threads "
+                         f"{p['threads']}.")
+    return lines + [""]
 
 
 def plot(results: dict, path: Path) -> None:
@@ -452,6 +523,11 @@ def main():
     p.add_argument("--big-quantize", default="gptq", choices=["gptq", "none"])
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--threads", type=int, default=0, help="CPU threads per measure (0: torch's default; 1 on a shared CPU)")
+    p.add_argument("--passes-tokens", default="4x128", help="SxL of the per-pass efficiency measure (bench/efficiency.py)")
+    p.add_argument("--passes-experts", default="8", help="experts GPTQ-solved in the efficiency measure: N or name=N,..")
+    p.add_argument("--only-passes", action="store_true", help="only the per-pass efficiency measure (no checkpoints)")
+    p.add_argument("--before", help="scale.json of a run of the code before a change: its pass efficiencies are "
+                   "shown beside these")
     p.add_argument("--merge", help="comma list of scale.json files from runs on the same device: one report from them")
     # worker mode (one measure in this process)
     p.add_argument("--worker", choices=list(WORKERS))
@@ -473,7 +549,10 @@ def main():
         results = parts[0]
         results["command"] = " ; ".join(dict.fromkeys(r["command"] for r in parts))
         for r in parts[1:]:
-            results["models"].update(r["models"])
+            for name, m in r["models"].items():  # one model's measures may come from several runs
+                results["models"].setdefault(name, {}).update({k: v for k, v in m.items() if k not in
+                                                               results["models"][name]})
+            results["before"] = results.get("before") or r.get("before")
             results["big"] = r.get("big") or results.get("big")
             results["notes"] += [n for n in r["notes"] if n not in results["notes"]]
         write_results(results, Path(args.out))
@@ -492,6 +571,8 @@ def main():
            "torch": torch.__version__, "cpus": os.cpu_count(), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "ram_gb": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30}
     results = {"command": "python " + " ".join(sys.argv), "environment": env, "models": {}, "notes": []}
+    if args.before:
+        results["before"] = {n: r.get("passes") for n, r in json.loads(Path(args.before).read_text())["models"].items()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log = open(data / "scale.log", "a")
@@ -502,12 +583,21 @@ def main():
         return json.loads(Path(args.reuse).read_text())["models"].get(name, {}).get(kind)
 
     layer_counts = dict(kv.split("=") for kv in args.layers.split(",")) if "=" in args.layers else {}
+    passes_experts = dict(kv.split("=") for kv in args.passes_experts.split(",")) if "=" in args.passes_experts else {}
     for name in [m for m in args.models.split(",") if m]:
+        s, l = budget(args.passes_tokens)
+        results["models"].setdefault(name, {})["passes"] = run_worker(
+            "passes", log, model=name, samples=s, seqlen=l, batch_size=min(args.batch_size, s), device=str(device),
+            experts=int(passes_experts.get(name, 8 if passes_experts else args.passes_experts)))
+        (out / "scale.json").write_text(json.dumps(results, indent=2))
+        if args.only_passes:
+            continue
         t = time.time()
         layers = int(layer_counts.get(name, 2 if layer_counts else args.layers))
         ckpt = write_checkpoint(name, layers, data / f"{name}-{layers}layers")
         print(f"[scale] {name}: checkpoint ready ({time.time() - t:.0f} s)", flush=True)
-        r = results["models"][name] = {"layers": layers, "checkpoint": str(ckpt)}
+        r = results["models"][name]
+        r.update(layers=layers, checkpoint=str(ckpt))
         runs = [("detect", detect_budgets[-1])] + ([("detect_small", detect_budgets[0])] if len(detect_budgets) > 1 else [])
         for kind, (s, l) in runs:
             r[kind] = run_worker("detect", log, ckpt=ckpt, samples=s, seqlen=l, **common)
@@ -548,6 +638,7 @@ def main():
 
 
 def write_results(results: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
     summarize(results)
     (out / "scale.json").write_text(json.dumps(results, indent=2))
     (out / "scale.md").write_text(markdown(results))

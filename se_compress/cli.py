@@ -27,6 +27,18 @@ def _device_arg(p):
     p.add_argument("--device", default=None, metavar="DEVICE",
                    help="where the model runs: auto (default: CUDA when available, else cpu), cpu, cuda or cuda:N; "
                         "bf16 on a GPU, fp32 on the CPU; statistics, Hessians and GPTQ solves in fp32")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="CPU threads for torch (default: all cores this process may use, or OMP_NUM_THREADS when set; "
+                        "on a machine busy with other jobs, 1 can be many times faster)")
+
+
+def _set_threads(threads: int | None) -> None:
+    """torch.set_num_threads: --threads, else OMP_NUM_THREADS when set (torchrun sets it per rank), else all cores."""
+    if threads is None and os.environ.get("OMP_NUM_THREADS"):
+        return
+    import torch
+
+    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
 
 
 def _calib_args(p, samples=64, seqlen=256):
@@ -221,10 +233,6 @@ def cmd_eval(args):
     from .eval.run import evaluate_checkpoint, read_eval
 
     baseline = read_eval(args.baseline) if args.baseline else None
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     out = Path(args.out)
     texts = [t.strip() for t in args.text.split(",") if t.strip()] if args.text else None
     if texts:
@@ -460,8 +468,6 @@ def build_parser():
                         "the Hub when it answers, else the shipped copies (auto)")
     p.add_argument("--baseline", help="eval.json (or its folder) of the model this one was made from: adds D_sink")
     p.add_argument("--label", help="name of this model in tables (default: the folder name)")
-    p.add_argument("--threads", type=positive_int, default=None,
-                   help="CPU threads for torch (on a machine busy with other jobs, 1 can be many times faster)")
     _device_arg(p)
     p.set_defaults(func=cmd_eval)
     _outputs(p, "eval", "report")
@@ -552,6 +558,8 @@ def main(argv=None):
                 return distributed.launch(args.nproc, rest)
             from .models.placement import use_device
 
+            if hasattr(args, "threads"):
+                _set_threads(args.threads)
             device = getattr(args, "device", None)
             with distributed.session(args.command, device):  # torchrun: join the group; a failed rank ends every rank
                 check_args(args)  # every option and input, before any model work (validate.py)

@@ -1,9 +1,10 @@
 """Per-expert statistics in one pass, through transformers' ExpertsInterface.
 
 transformers 5 fuses a layer's experts into 3-D parameters, so there is no per-expert module to hook.
-Instead `recording_experts_forward` is registered as an experts implementation: it computes each routed
-expert exactly like the eager loop and, when the experts module carries a `se_recorder`, records for every
-expert, over every token routed to it (not only the first token per batch, the bug of the paper's code):
+Instead `recording_experts_forward` is registered as an experts implementation: it runs the layer's grouped
+expert forward (models/expert_forward.py, the same as the eager loop bit for bit) and, when the experts module
+carries a `se_recorder`, records for every expert, over every token routed to it (not only the first token per
+batch, the bug of the paper's code), from each expert's output while it is computed (no second pass):
   max |down_proj output| (before the routing weight), with the token and hidden channel where it happens;
   routing count; REAP saliency sum (routing weight x L2 norm of the output); EAN sum (L2 norm of the output).
 Shared experts are ordinary MLP modules and are recorded with a forward hook.
@@ -12,20 +13,14 @@ import torch
 from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
+from ..models.expert_forward import expert_down, expert_intermediate, routed_experts_forward
+
 IMPLEMENTATION = "se_compress_record"
 
 
 def expert_forward(experts: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
     """Output of routed expert `e` for tokens x [n, H], before the routing weight: [n, H]."""
-    up_weight = experts.gate_up_proj[e] if experts.has_gate else experts.up_proj[e]
-    h = x @ up_weight if experts.is_transposed else x @ up_weight.T
-    if experts.has_bias:
-        h = h + (experts.gate_up_proj_bias[e] if experts.has_gate else experts.up_proj_bias[e])
-    h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
-    y = h @ experts.down_proj[e] if experts.is_transposed else h @ experts.down_proj[e].T
-    if experts.has_bias:
-        y = y + experts.down_proj_bias[e]
-    return y
+    return expert_down(experts, e, expert_intermediate(experts, e, x))
 
 
 class ExpertRecorder:
@@ -43,6 +38,25 @@ class ExpertRecorder:
         self.token_base = 0  # global index of the first token of the batch being run
 
     @torch.no_grad()
+    def merge(self, batch: "BatchMaxima", groups, width: int) -> None:
+        """Add one forward call's per-expert statistics (routed experts, slots 0..E-1), moved to the host once."""
+        E = self.num_experts
+        count = torch.tensor(groups.bounds[1:E + 1]) - torch.tensor(groups.bounds[:E])
+        seen = count > 0
+        max_output, flat_idx, reap, ean = (t.cpu() for t in (batch.max_output, batch.flat_idx, batch.reap, batch.ean))
+        better = seen & (max_output.double() > self.max_output[:E])
+        if better.any():
+            experts = better.nonzero().flatten()
+            first_row = torch.tensor(groups.bounds[:E])[experts]
+            rows = first_row + flat_idx[experts] // width
+            self.max_output[experts] = max_output[experts].double()
+            self.max_token[experts] = self.token_base + groups.tokens[rows.to(groups.tokens.device)].cpu()
+            self.max_channel[experts] = flat_idx[experts] % width
+        self.count[:E] += count
+        self.reap_sum[:E] += torch.where(seen, reap.double(), 0.0)
+        self.ean_sum[:E] += torch.where(seen, ean.double(), 0.0)
+
+    @torch.no_grad()
     def update(self, slot: int, output: torch.Tensor, token_idx: torch.Tensor, weight: torch.Tensor) -> None:
         if output.numel() == 0:
             return
@@ -58,18 +72,30 @@ class ExpertRecorder:
         self.ean_sum[slot] += norms.sum().item()
 
 
+class BatchMaxima:
+    """Per-expert statistics of one forward call, kept where the outputs are (no host sync per expert); merged
+    into the ExpertRecorder once at the end of the call."""
+
+    def __init__(self, num_experts: int, device):
+        self.max_output = torch.zeros(num_experts, dtype=torch.float32, device=device)
+        self.flat_idx = torch.zeros(num_experts, dtype=torch.long, device=device)  # argmax in the expert's [n, H]
+        self.reap = torch.zeros(num_experts, dtype=torch.float32, device=device)
+        self.ean = torch.zeros(num_experts, dtype=torch.float32, device=device)
+
+    def __call__(self, e: int, rows: slice, output: torch.Tensor, weight: torch.Tensor) -> None:
+        flat_max, flat_idx = output.abs().reshape(-1).max(0)
+        self.max_output[e], self.flat_idx[e] = flat_max, flat_idx
+        norms = output.float().norm(dim=-1)
+        self.reap[e] = (weight.float() * norms).sum()
+        self.ean[e] = norms.sum()
+
+
 def recording_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     recorder = getattr(self, "se_recorder", None)
-    final = torch.zeros_like(hidden_states)
-    for e in torch.unique(top_k_index).tolist():
-        if e >= self.num_experts:  # expert-parallel sentinel
-            continue
-        token_idx, k_pos = torch.where(top_k_index == e)
-        output = expert_forward(self, e, hidden_states[token_idx])
-        weight = top_k_weights[token_idx, k_pos]
-        if recorder is not None:
-            recorder.update(e, output, token_idx, weight)
-        final.index_add_(0, token_idx, (output * weight[:, None]).to(final.dtype))
+    batch = BatchMaxima(self.num_experts, hidden_states.device) if recorder is not None else None
+    final, groups = routed_experts_forward(self, hidden_states, top_k_index, top_k_weights, on_output=batch)
+    if recorder is not None:
+        recorder.merge(batch, groups, hidden_states.shape[-1])
     return final
 
 

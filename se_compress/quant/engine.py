@@ -22,11 +22,10 @@ from .. import distributed as dist
 from ..errors import SECompressError
 from ..models.adapters import adapter_for
 from ..models.checkpoint import Checkpoint, resolve_model
-from ..models.placement import current
 from ..models.streaming import LAYERS_PREFIX, StreamedModel
 from . import compressed_tensors as ct
-from .gptq import (CholeskyFailed, gptq_bytes_per_matrix, gptq_quantize, gptq_quantize_batched, prepare_hessian,
-                   prepare_hessians)
+from .gptq import (CholeskyFailed, gptq_quantize, gptq_quantize_batched, prepare_hessian, prepare_hessians,
+                   solve_chunk)
 from .hessian import ExpertCollector, HessianSum, expert_weights, linear_hooks, use_collector
 from .policies import KEEP_BITS, Plan, parse_policy, super_experts_from_report, super_weight_mask, trigger_mask
 from .report import build_model_card, summarize
@@ -242,7 +241,7 @@ class LayerQuantizer:
                     shared_prep = prepare_hessian(items[0]["H"], e.damp, e.act_order)
                 except CholeskyFailed:
                     shared_prep = False
-            chunk = current().chunk(len(items), gptq_bytes_per_matrix(rows, cols, own_hessian=not shared))
+            chunk = solve_chunk(len(items), rows, cols, own_hessian=not shared)
             for c in range(0, len(items), chunk):
                 part = items[c: c + chunk]
                 if shared:

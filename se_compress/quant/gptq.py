@@ -164,6 +164,24 @@ def gptq_quantize(W: torch.Tensor, prepared: dict, spec: QuantSpec, scale_dtype:
                                  exact=exact[None] if exact is not None else None, blocksize=blocksize)[0]
 
 
+CPU_ROWS_PER_STEP = 8192  # B x rows of one batched column step on the CPU: bench/results/gptq_chunk.md
+
+
+def solve_chunk(count: int, rows: int, cols: int, own_hessian: bool) -> int:
+    """How many of `count` same-shaped problems [rows, cols] gptq_quantize_batched solves at once.
+
+    On a GPU: as many as fit in the placement's memory budget (each column step is a few kernel launches,
+    whatever B). On the CPU batching saves per-column Python and dispatch time, which dominates for small
+    matrices, but each in-block update touches [B, rows, 128] fp32: past ~8192 x 128 x 4 bytes (4 MiB) it leaves
+    the cache and batching loses (measured: rows 2048, B = 16 is 2x slower per matrix than B = 4; rows 32,
+    B = 16 is 50x faster than one at a time). So B x rows is kept at about CPU_ROWS_PER_STEP."""
+    from ..models.placement import current
+
+    placement = current()
+    fit = placement.chunk(count, gptq_bytes_per_matrix(rows, cols, own_hessian=own_hessian))
+    return fit if placement.is_cuda else max(1, min(fit, CPU_ROWS_PER_STEP // rows))
+
+
 def gptq_bytes_per_matrix(rows: int, cols: int, own_hessian: bool) -> int:
     """Working memory of one problem in gptq_quantize_batched (fp32 copies W0, Wp, the caller's W, int8 codes,
     plus H, its factor, inverse and U when the problem has its own Hessian): for chunking by free memory."""

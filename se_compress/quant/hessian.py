@@ -2,8 +2,9 @@
 
 Linear modules (attention, dense MLPs, shared experts) get a forward pre-hook. The fused routed experts have no
 per-expert module to hook, so `collecting_experts_forward` is registered as a transformers experts
-implementation: it computes each routed expert exactly like the eager loop (the layer's output, and so the next
-layer's inputs, follow the real routing) and, on the side, accumulates the Hessians:
+implementation: it runs the grouped expert forward of models/expert_forward.py (the same as the eager loop bit
+for bit: the layer's output, and so the next layer's inputs, follow the real routing) and accumulates the
+Hessians from each expert's inputs as they are computed:
 
 - expert_calibration="all" (default, as llm-compressor's moe_calibrate_all_experts): every calibration token
   goes through every expert. The gate/up input Hessian is then the same for all experts of a layer (computed
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
+from ..models.expert_forward import expert_down, expert_intermediate, expert_weights, routed_experts_forward  # noqa: F401
 from ..models.placement import current
 
 IMPLEMENTATION = "se_compress_quant_collect"
@@ -77,29 +79,6 @@ def linear_hooks(modules: dict[str, nn.Linear], sums: dict[str, HessianSum], tri
     return handles
 
 
-def expert_weights(experts, e: int):
-    """(gate_up [2I, H], down [H, I]) of expert e in nn.Linear orientation (views, whatever the storage layout)."""
-    up = experts.gate_up_proj[e] if experts.has_gate else experts.up_proj[e]
-    down = experts.down_proj[e]
-    return (up.T, down.T) if experts.is_transposed else (up, down)
-
-
-def expert_intermediate(experts, e: int, x: torch.Tensor) -> torch.Tensor:
-    """The activated intermediate of expert e for tokens x [n, H]: the input of its down_proj, [n, I]."""
-    up = experts.gate_up_proj[e] if experts.has_gate else experts.up_proj[e]
-    h = x @ up if experts.is_transposed else x @ up.T
-    if experts.has_bias:
-        h = h + (experts.gate_up_proj_bias[e] if experts.has_gate else experts.up_proj_bias[e])
-    return experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
-
-
-def expert_down(experts, e: int, h: torch.Tensor) -> torch.Tensor:
-    y = h @ experts.down_proj[e] if experts.is_transposed else h @ experts.down_proj[e].T
-    if experts.has_bias:
-        y = y + experts.down_proj_bias[e]
-    return y
-
-
 class ExpertCollector:
     """Hessians of one layer's routed experts. `trigger_ref["mask"]`: trigger tokens of the current batch [T]."""
 
@@ -128,28 +107,24 @@ def collecting_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     col: ExpertCollector = self.se_quant_collector
     trig = col.trigger_ref.get("mask")
     trig = trig if trig is not None and trig.any() else None
-    final = torch.zeros_like(hidden_states)
     if col.mode == "all":
         col.shared_in.add(hidden_states, trig)
-    for e in range(self.num_experts):
-        token_idx, k_pos = torch.where(top_k_index == e)
-        col.count[e] += int(token_idx.numel())
-        calib = e in col.calib_experts
-        if col.mode == "all":
-            h_all = expert_intermediate(self, e, hidden_states)
-            col.down[e].add(h_all, trig if calib else None)
-            h = h_all[token_idx]
-        else:
-            h = expert_intermediate(self, e, hidden_states[token_idx])
-            col.expert_in[e].add(hidden_states[token_idx])
+
+        def on_input(e, x, h):  # h: expert e's down_proj input for every token of the batch
+            col.down[e].add(h, trig if e in col.calib_experts else None)
+    else:
+        def on_input(e, x, h):  # x, h: the tokens routed to e and their down_proj input
+            col.expert_in[e].add(x)
             col.down[e].add(h)
-            if calib and trig is not None:  # trigger tokens, routed here or not
-                xt = hidden_states[trig.to(hidden_states.device)]
-                col.expert_in[e].add_triggers(xt)
-                col.down[e].add_triggers(expert_intermediate(self, e, xt))
-        if token_idx.numel():
-            y = expert_down(self, e, h) * top_k_weights[token_idx, k_pos][:, None]
-            final.index_add_(0, token_idx, y.to(final.dtype))
+
+    final, groups = routed_experts_forward(self, hidden_states, top_k_index, top_k_weights,
+                                           all_tokens=col.mode == "all", on_input=on_input)
+    col.count += torch.tensor(groups.bounds[1:]) - torch.tensor(groups.bounds[:-1])
+    if col.mode != "all" and trig is not None:  # SE experts see the trigger tokens, routed to them or not
+        xt = hidden_states[trig.to(hidden_states.device)]
+        for e in (e for e in range(self.num_experts) if e in col.calib_experts):
+            col.expert_in[e].add_triggers(xt)
+            col.down[e].add_triggers(expert_intermediate(self, e, xt))
     return final
 
 
