@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks in one command, for a session that is lent a CUDA machine:
-#   bash bench/gpu_checks.sh              # results under $OUT (default: bench/results/gpu), about 8 minutes on one H200
+#   bash bench/gpu_checks.sh              # results under $OUT (default: bench/results/gpu), about 6 minutes on one H200
 #   SMALL=1 bash bench/gpu_checks.sh      # the same steps on the CPU with small sizes: tests this script, no GPU needed
 # Each step writes its own files and has its own time limit; a step that fails or runs out of time is noted in
 # $OUT/steps.txt and the next step still runs:
@@ -10,8 +10,8 @@
 # 3. gptq_chunk_cuda.md: batched vs one-at-a-time GPTQ solves by matrix size (what quant/gptq.py's solve_chunk assumes);
 # 4. determinism.md: bench/gpu_determinism.py: the default model through detect and GPTQ W4 g32 twice on the GPU
 #    (byte-identical?) and once on the CPU (share of codes and scales equal);
-# 5. scale.md: bench/scale.py --full-calibration: detect (128 x 2048 tokens) and GPTQ W4 g128 end to end on 1 layer of
-#    each real shape. Checkpoints go to $SCALE_DATA (default /tmp/scale-data), never into the repo.
+# 5. scale.md: bench/scale.py --full-calibration: detect (128 x 2048 tokens) and GPTQ W4 g128 end to end on one
+#    Qwen3-30B-A3B-shaped layer. Checkpoints go to $SCALE_DATA (default /tmp/scale-data), never into the repo.
 # On the lent machine (offline, its own torch and transformers 5.17): `bash bench/gpu_deps.sh` here first, then there
 #   source bench/gpu_env.sh; OUT=/tmp/gpu bash bench/gpu_checks.sh; tar czf <device $OUT>/gpu.tgz -C /tmp gpu
 # (the device tool brings back at most 8 files: one archive of the results).
@@ -47,11 +47,11 @@ if [ "${SMALL:-0}" = 1 ]; then
 else
   grep -q "no CUDA" "$OUT/torch.txt" && { echo "no CUDA here: use SMALL=1 for the CPU check of this script"; exit 1; }
   DEVICE=cuda
-  PASSES=(--passes-tokens 64x2048 --batch-size 8 --passes-experts 0)
+  PASSES=(--passes-tokens 32x2048 --batch-size 8 --passes-experts 0)
   CHUNK=(--rows 256,2048,4096 --cols 1024 --chunks 1,8,32 --count 32)
-  SCALE=(--full-calibration --layers 1 --solve-experts 0 --batch-size 8)
-  DET=(--samples 32 --seqlen 256)
-  LIMITS=(120 80 30 80 110)
+  SCALE=(--models qwen3-30b-a3b --full-calibration --layers 1 --solve-experts 0 --batch-size 8)
+  DET=(--samples 8 --seqlen 128)
+  LIMITS=(160 45 20 70 70)
 fi
 step test_gpu "${LIMITS[1]}" $PY -m pytest -q -m gpu tests/test_gpu.py
 step efficiency "${LIMITS[0]}" $PY bench/scale.py --device $DEVICE --only-passes "${PASSES[@]}" --data "$DATA" \
