@@ -129,9 +129,16 @@ def detect_pass(config, adapter, base, layer, layer_idx, batches, layer_kwargs, 
     moe = adapter.moe_block(layer)
     saved = moe.experts.forward
     moe.experts.forward = lambda *a, **kw: torch.zeros_like(a[0])  # routed experts counted analytically below
-    with FlopCounterMode(display=False) as counter:
-        layer(batches[0][:1], **one)
-    moe.experts.forward = saved
+    # FlopCounterMode cannot count grouped-query SDPA (torch asserts that q, k and v have as many heads; transformers
+    # passes enable_gqa on CUDA): the count runs the eager attention, the same matmuls with k/v repeated per head.
+    attn_config = layer.self_attn.config
+    saved_impl, attn_config._attn_implementation = attn_config._attn_implementation, "eager"
+    try:
+        with FlopCounterMode(display=False) as counter:
+            layer(batches[0][:1], **one)
+    finally:
+        moe.experts.forward = saved
+        attn_config._attn_implementation = saved_impl
     tokens = sum(b.shape[0] * b.shape[1] for b in batches)
     dense_flops = counter.get_total_flops() * tokens / batches[0].shape[1]  # attention, router, shared: per sample
     routed_flops = tokens * s["k"] * (2 * s["H"] * 2 * s["I"] + 2 * s["I"] * s["H"])

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks in one command, for a session that is lent a CUDA machine:
-#   bash bench/gpu_checks.sh              # results under $OUT (default: bench/results/gpu), about 8 minutes on one H200
+#   bash bench/gpu_checks.sh              # results under $OUT (default: bench/results/gpu), about 6 minutes on one H200
 #   SMALL=1 bash bench/gpu_checks.sh      # the same steps on the CPU with small sizes: tests this script, no GPU needed
 # Each step writes its own files and has its own time limit; a step that fails or runs out of time is noted in
 # $OUT/steps.txt and the next step still runs:
@@ -8,14 +8,20 @@
 #    solve, report metrics) as a share of the GPU's own matmul rate measured right before it (bench/efficiency.py);
 # 2. test_gpu.txt: tests/test_gpu.py (CPU vs GPU: SE set and statistics, GPTQ codes, a GPU-written checkpoint loads);
 # 3. gptq_chunk_cuda.md: batched vs one-at-a-time GPTQ solves by matrix size (what quant/gptq.py's solve_chunk assumes);
-# 4. scale.md: bench/scale.py --full-calibration: detect (128 x 2048 tokens) and GPTQ W4 g128 end to end on 2 layers of
-#    each real shape. Checkpoints go to $SCALE_DATA (default /tmp/scale-data), never into the repo.
+# 4. determinism.md: bench/gpu_determinism.py: the default model through detect and GPTQ W4 g32 twice on the GPU
+#    (byte-identical?) and once on the CPU (share of codes and scales equal);
+# 5. scale.md: bench/scale.py --full-calibration: detect (128 x 2048 tokens) and GPTQ W4 g128 end to end on one
+#    Qwen3-30B-A3B-shaped layer. Checkpoints go to $SCALE_DATA (default /tmp/scale-data), never into the repo.
+# On the lent machine (offline, its own torch and transformers 5.17): `bash bench/gpu_deps.sh` here first, then there
+#   source bench/gpu_env.sh; OUT=/tmp/gpu bash bench/gpu_checks.sh; tar czf <device $OUT>/gpu.tgz -C /tmp gpu
+# (the device tool brings back at most 8 files: one archive of the results).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results/gpu}"
 DATA="${SCALE_DATA:-/tmp/scale-data}"
 mkdir -p "$OUT" "$DATA"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY=${PYTHON:-python3}
 : > "$OUT/steps.txt"
 
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, output to $OUT/NAME.log, result line in steps.txt
@@ -28,7 +34,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, output to $OUT/
 }
 
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
-python -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA')" \
+$PY -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA')" \
   > "$OUT/torch.txt" 2>&1
 if [ "${SMALL:-0}" = 1 ]; then
   DEVICE=cpu
@@ -36,18 +42,21 @@ if [ "${SMALL:-0}" = 1 ]; then
   CHUNK=(--rows 32,256 --cols 128 --chunks 1,4 --count 4)
   SCALE=(--models qwen3-30b-a3b --layers 1 --detect-tokens 1x32 --gptq-tokens 1x32 --solve-experts 2
          --skip-quantize qwen3-30b-a3b --batch-size 1)
-  LIMITS=(600 300 300 900)
+  DET=(--samples 4 --seqlen 64)
+  LIMITS=(600 300 300 600 900)
 else
   grep -q "no CUDA" "$OUT/torch.txt" && { echo "no CUDA here: use SMALL=1 for the CPU check of this script"; exit 1; }
   DEVICE=cuda
-  PASSES=(--passes-tokens 64x2048 --batch-size 8 --passes-experts 0)
+  PASSES=(--passes-tokens 32x2048 --batch-size 8 --passes-experts 0)
   CHUNK=(--rows 256,2048,4096 --cols 1024 --chunks 1,8,32 --count 32)
-  SCALE=(--full-calibration --layers 2 --solve-experts 0 --batch-size 8)
-  LIMITS=(180 60 45 200)
+  SCALE=(--models qwen3-30b-a3b --full-calibration --layers 1 --solve-experts 0 --batch-size 8)
+  DET=(--samples 8 --seqlen 128)
+  LIMITS=(160 45 20 70 70)
 fi
-step efficiency "${LIMITS[0]}" python bench/scale.py --device $DEVICE --only-passes "${PASSES[@]}" --data "$DATA" \
+step test_gpu "${LIMITS[1]}" $PY -m pytest -q -m gpu tests/test_gpu.py
+step efficiency "${LIMITS[0]}" $PY bench/scale.py --device $DEVICE --only-passes "${PASSES[@]}" --data "$DATA" \
   --out "$OUT/efficiency"
-step test_gpu "${LIMITS[1]}" python -m pytest -q -m gpu tests/test_gpu.py
-step gptq_chunk "${LIMITS[2]}" python bench/gptq_chunk.py --device $DEVICE "${CHUNK[@]}" --out "$OUT"
-step scale "${LIMITS[3]}" python bench/scale.py --device $DEVICE "${SCALE[@]}" --data "$DATA" --out "$OUT"
-echo "results: $OUT/steps.txt $OUT/efficiency/scale.md $OUT/test_gpu.log $OUT/gptq_chunk*.md $OUT/scale.md"
+step determinism "${LIMITS[3]}" $PY bench/gpu_determinism.py --device $DEVICE "${DET[@]}" --out "$OUT"
+step scale "${LIMITS[4]}" $PY bench/scale.py --device $DEVICE "${SCALE[@]}" --data "$DATA" --out "$OUT"
+step gptq_chunk "${LIMITS[2]}" $PY bench/gptq_chunk.py --device $DEVICE "${CHUNK[@]}" --out "$OUT"
+echo "results: $OUT/steps.txt $OUT/efficiency/scale.md $OUT/test_gpu.log $OUT/gptq_chunk*.md $OUT/determinism.md $OUT/scale.md"

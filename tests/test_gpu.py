@@ -14,24 +14,53 @@ CPU = lambda: Placement(torch.device("cpu"))  # noqa: E731
 GPU = lambda **kw: Placement(torch.device("cuda"), **kw)  # noqa: E731
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_moe", "deepseek_v2", "mixtral"])
-@pytest.mark.parametrize("activations", ["device", "host"])
-def test_detect_same_super_experts_and_statistics(model_type, activations, tiny_model):
+def _detect(src, placement):
     from se_compress.detect import detect
 
+    with use_device(placement) as p:
+        report = detect(src, samples=8, seqlen=64, progress=False)
+        return report, p.describe()
+
+
+def _se_set(report):
+    return [(s["layer"], s["expert"]) for s in report["super_experts"]]
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "deepseek_v2", "mixtral"])
+@pytest.mark.parametrize("activations", ["device", "host"])
+def test_detect_in_fp32_on_gpu_equals_cpu(model_type, activations, tiny_model):
+    """The GPU code path (placement, kernels, activations on the device or in pinned host memory) with the CPU's
+    arithmetic (fp32): the same SE set, statistics and routed counts."""
     src = str(tiny_model(model_type))
-    kw = dict(samples=8, seqlen=64, progress=False)
-    with use_device(CPU()):
-        cpu = detect(src, **kw)
-    with use_device(GPU(activations=activations)) as p:
-        gpu = detect(src, **kw)
-        assert p.describe()["activations"].startswith(activations)
-    assert [(s["layer"], s["expert"]) for s in cpu["super_experts"]] == [(s["layer"], s["expert"]) for s in gpu["super_experts"]]
+    cpu, _ = _detect(src, CPU())
+    gpu, where = _detect(src, GPU(activations=activations, compute_dtype=torch.float32))
+    assert where["activations"].startswith(activations)
+    assert _se_set(cpu) == _se_set(gpu)
     a = torch.tensor([e["max_output"] for e in cpu["experts"]])
     b = torch.tensor([e["max_output"] for e in gpu["experts"]])
-    assert torch.allclose(a, b, rtol=0.05, atol=0.05 * float(a.median()))  # bf16 on the GPU, fp32 on the CPU
+    assert torch.allclose(a, b, rtol=1e-3, atol=1e-3 * float(a.median()))
     counts_equal = sum(x["count"] == y["count"] for x, y in zip(cpu["experts"], gpu["experts"])) / len(cpu["experts"])
-    assert counts_equal >= 0.9  # bf16 can flip a near-tied top-k choice for a few tokens
+    assert counts_equal >= 0.95  # fp32 sums in another order can still flip an exact top-k tie
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "deepseek_v2", "mixtral"])
+def test_detect_in_bf16_on_gpu_matches_bf16_on_cpu(model_type, tiny_model):
+    """bf16 (the GPU default) against bf16 on the CPU: compared with fp32 it moves the tiny models' statistics by up
+    to ~20% (near-tied routing of random weights) and rounds deepseek_v2's two planted maxima, 20452 and 20480, to
+    one bf16 value; with a tie at the top P99.5 equals the maximum and the rule's strict '>' admits neither. So
+    the GPU's bf16 is held against the same precision on the CPU: the same SE set, SE maxima within 1%, the
+    median expert within 2%."""
+    src = str(tiny_model(model_type))
+    cpu, _ = _detect(src, Placement(torch.device("cpu"), compute_dtype=torch.bfloat16))
+    gpu, where = _detect(src, GPU())
+    assert where["compute_dtype"] == "bfloat16"
+    assert _se_set(cpu) == _se_set(gpu)
+    a = torch.tensor([e["max_output"] for e in cpu["experts"]])
+    b = torch.tensor([e["max_output"] for e in gpu["experts"]])
+    rel = (a - b).abs() / a.abs().clamp_min(1e-12)
+    assert float(rel.median()) <= 0.02
+    top = a >= 0.1 * a.max()  # the planted experts' statistics
+    assert float(rel[top].max()) <= 0.01
 
 
 def test_gptq_on_gpu_matches_cpu():

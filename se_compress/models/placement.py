@@ -124,6 +124,7 @@ class Placement:
 
     def reset_peak(self) -> None:
         if self.is_cuda:
+            torch.cuda.init()  # the allocator's statistics exist only once CUDA is up ("Invalid device argument")
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def peak_bytes(self) -> int | None:
