@@ -8,8 +8,9 @@
 #    solve, report metrics) as a share of the GPU's own matmul rate measured right before it (bench/efficiency.py);
 # 2. test_gpu.txt: tests/test_gpu.py (CPU vs GPU: SE set and statistics, GPTQ codes, a GPU-written checkpoint loads);
 # 3. gptq_chunk_cuda.md: batched vs one-at-a-time GPTQ solves by matrix size (what quant/gptq.py's solve_chunk assumes);
-# 4. scale.md: bench/scale.py --full-calibration: detect (128 x 2048 tokens) and GPTQ W4 g128 end to end on 2 layers of
-#    each real shape. Checkpoints go to $SCALE_DATA (default /tmp/scale-data), never into the repo.
+# 4. scale.md: bench/scale.py --full-calibration: detect (128 x 2048 tokens) and GPTQ W4 g128 end to end on one
+#    Qwen3-30B-A3B-shaped layer (what fits the budget; checkpoints in $SCALE_DATA, default /tmp/scale-data, never in
+#    the repo, are reused by a rerun).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results/gpu}"
@@ -42,8 +43,8 @@ else
   DEVICE=cuda
   PASSES=(--passes-tokens 64x2048 --batch-size 8 --passes-experts 0)
   CHUNK=(--rows 256,2048,4096 --cols 1024 --chunks 1,8,32 --count 32)
-  SCALE=(--full-calibration --layers 2 --solve-experts 0 --batch-size 8)
-  LIMITS=(180 60 45 200)
+  SCALE=(--full-calibration --models qwen3-30b-a3b --layers 1 --solve-experts 0 --batch-size 8)
+  LIMITS=(220 60 45 150)
 fi
 step efficiency "${LIMITS[0]}" python bench/scale.py --device $DEVICE --only-passes "${PASSES[@]}" --data "$DATA" \
   --out "$OUT/efficiency"
