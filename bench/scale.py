@@ -589,9 +589,10 @@ def main():
         results["models"].setdefault(name, {})["passes"] = run_worker(
             "passes", log, model=name, samples=s, seqlen=l, batch_size=min(args.batch_size, s), device=str(device),
             experts=int(passes_experts.get(name, 8 if passes_experts else args.passes_experts)))
-        (out / "scale.json").write_text(json.dumps(results, indent=2))
         if args.only_passes:
+            write_results(results, out)  # after each model: a run stopped at its time limit keeps what it measured
             continue
+        (out / "scale.json").write_text(json.dumps(results, indent=2))
         t = time.time()
         layers = int(layer_counts.get(name, 2 if layer_counts else args.layers))
         ckpt = write_checkpoint(name, layers, data / f"{name}-{layers}layers")

@@ -29,17 +29,17 @@ def _device_arg(p):
                    help="where the model runs: auto (default: CUDA when available, else cpu), cpu, cuda or cuda:N; "
                         "bf16 on a GPU, fp32 on the CPU; statistics, Hessians and GPTQ solves in fp32")
     p.add_argument("--threads", type=positive_int, default=None,
-                   help="CPU threads for torch (default: all cores this process may use, or OMP_NUM_THREADS when set; "
+                   help="CPU threads for torch (default: torch's own, all physical cores, or OMP_NUM_THREADS when set; "
                         "on a machine busy with other jobs, 1 can be many times faster)")
 
 
 def _set_threads(threads: int | None) -> None:
-    """torch.set_num_threads: --threads, else OMP_NUM_THREADS when set (torchrun sets it per rank), else all cores."""
-    if threads is None and os.environ.get("OMP_NUM_THREADS"):
-        return
-    import torch
+    """torch.set_num_threads(--threads); without it torch's default stands (all physical cores, or OMP_NUM_THREADS,
+    which torchrun sets per rank), and a caller that chose a count in-process keeps it."""
+    if threads is not None:
+        import torch
 
-    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+        torch.set_num_threads(threads)
 
 
 def _calib_args(p, samples=64, seqlen=256):
