@@ -39,20 +39,22 @@ class RunOptions:
     progress: bool = True
 
 
-def se_report_for(model: ModelHandle, recipe: Recipe, progress: bool = True) -> dict:
-    """One detection pass per (base model, detect options), cached so naive twins and later runs reuse it."""
+def se_report_for(model: ModelHandle, recipe: Recipe, progress: bool = True, layer_hook=None) -> tuple[dict, bool]:
+    """One detection pass per (base model, detect options), cached so naive twins and later stages reuse it; returns
+    (report, whether the pass ran here). `layer_hook`: another accumulator that rides on the same pass (merge)."""
     d = recipe.detect
     key = hashlib.sha1(json.dumps([model.fingerprint, d.model_dump()], sort_keys=True).encode()).hexdigest()[:12]
     cache = CHECKPOINTS / ".se-reports" / f"{model_label(model.name)}-{key}" / "se_report.json"
     if dist.agree(cache.exists()):  # torchrun: rank 0 decides for all (every rank must run detection, or none)
-        return json.loads(cache.read_text())
+        return json.loads(cache.read_text()), False
     report = detect(model, calib=d.calib, samples=d.samples, seqlen=d.seqlen, seed=d.seed,
-                    criterion=Criterion(d.quantile, d.max_fraction, d.layers), progress=progress)
+                    criterion=Criterion(d.quantile, d.max_fraction, d.layers), progress=progress, layer_hook=layer_hook)
     write_report(report, cache.parent)
-    return report
+    return report, True
 
 
-def run_stage(stage, current, out: Path, se_report: dict, recipe: Recipe, progress: bool) -> str:
+def run_stage(stage, current, out: Path, se_report: dict, recipe: Recipe, progress: bool,
+              statistics_pass: tuple | None = None) -> str:
     """Run one stage on checkpoint `current` (the base model's handle, or the previous stage's output folder), writing
     to `out`; returns the new current checkpoint."""
     d, o = recipe.detect, stage.options
@@ -66,7 +68,7 @@ def run_stage(stage, current, out: Path, se_report: dict, recipe: Recipe, progre
         from .merge import merge_model
 
         merge_model(current, out, fraction=o.fraction, keep=o.keep, se_policy=o.se_policy, se_report=se_report,
-                    progress=progress, **calib)
+                    progress=progress, statistics_pass=statistics_pass, **calib)
     elif stage.kind == "quantize":
         from .quant import quantize_model
 
@@ -199,7 +201,17 @@ def _compress(recipe: Recipe, base: ModelHandle, out, force: bool, evaluate: boo
         work.mkdir(parents=True)
     start = time.time()
     try:
-        se_report = se_report_for(base, recipe, progress)
+        gram = None
+        if recipe.stages and recipe.stages[0].kind == "merge":  # merge's similarity rides on the detection pass
+            from .merge import similarity_gram
+
+            gram = similarity_gram(base, recipe.detect.samples, recipe.detect.seed)  # merge_model's defaults
+        try:
+            se_report, ran = se_report_for(base, recipe, progress, layer_hook=gram)
+        finally:
+            if gram is not None:
+                gram.close()
+        statistics_pass = (se_report, gram) if gram is not None and ran else None
         current = base
         final = work / "result"
         for i, stage in enumerate(recipe.stages):
@@ -211,7 +223,8 @@ def _compress(recipe: Recipe, base: ModelHandle, out, force: bool, evaluate: boo
             stage_out = final if i == len(recipe.stages) - 1 else work / f"stage{i}-{stage.kind}"
             if progress:
                 print(f"[{recipe.name}] stage {i + 1}/{len(recipe.stages)}: {stage.kind} {stage.options.model_dump(exclude_none=True)}", flush=True)
-            current = run_stage(stage, current, stage_out, se_report, recipe, progress)
+            current = run_stage(stage, current, stage_out, se_report, recipe, progress,
+                                statistics_pass if i == 0 else None)
             if i + 1 < len(recipe.stages) and not isinstance(current, ModelHandle):
                 current = open_model(current)  # the stage's output: opened once, for the next stage's detection and run
         if not dist.is_main():

@@ -108,3 +108,32 @@ def test_a_recipe_with_its_twin_opens_each_model_once_and_the_twin_keeps_the_dev
     assert max(counts.tokenizers.values()) == 1
     twin_report = json.loads((twin_dir / "compression_report.json").read_text())
     assert twin_report["modules"] and (twin_dir / "eval" / "eval.json").exists()  # made and evaluated on the CPU
+
+
+MERGE_RECIPE = """name: tiny-merge
+detect: {calib: wikitext2, samples: 4, seqlen: 32}
+stages:
+  - merge: {fraction: 0.5, se_policy: singleton}
+evaluate: {tasks: []}
+baselines: []
+"""
+
+
+def test_a_merge_recipe_runs_detection_once_and_merges_as_merge_alone(tiny_model, tmp_path, monkeypatch):
+    """The merge stage's similarity rides on the driver's detection pass (main ran a second pass in merge)."""
+    from se_compress.merge import merge_model
+
+    model = tiny_model("qwen3_moe")
+    recipe = tmp_path / "tiny-merge.yaml"
+    recipe.write_text(MERGE_RECIPE)
+    monkeypatch.chdir(tmp_path)
+    counts = Counts(monkeypatch)
+    try:
+        out = compress(str(recipe), model=str(model), out=str(tmp_path / "merged"), progress=False, device="cpu")
+    finally:
+        counts.on = False
+    assert counts.detections == 1
+    alone = merge_model(str(model), tmp_path / "alone", fraction=0.5, se_policy="singleton", calib="wikitext2",
+                        samples=4, seqlen=32, progress=False)
+    merged, direct = load_file(out / "model.safetensors"), load_file(alone / "model.safetensors")
+    assert merged.keys() == direct.keys() and all(torch.equal(merged[k], direct[k]) for k in merged)

@@ -80,16 +80,26 @@ def mixing_matrices(clusters: list[list[int]], counts: np.ndarray, router_rows: 
     return expert_mix, router_mix
 
 
+def similarity_gram(handle, samples: int, seed: int, batch_size: int = 8, similarity_tokens: int = 512) -> OutputGram:
+    """The accumulator of the output similarity, to hang on a detection pass over `samples` calibration samples
+    (the defaults are merge_model's)."""
+    batches = -(-samples // batch_size)
+    return OutputGram(handle.adapter, handle.config, tokens_per_batch=max(1, -(-similarity_tokens // batches)), seed=seed)
+
+
 def merge_model(model: str, out, *, fraction: float | None = None, keep: int | None = None,
                 se_policy: str = "singleton", se_report: dict | None = None, calib: str = "wikitext2",
                 samples: int = 64, seqlen: int = 256, seed: int = 0, force: bool = False, progress: bool = True,
                 router_rows: str = "frequency", similarity: str = "outputs", max_cluster_size: int | None = None,
                 similarity_tokens: int = 512, batch_size: int = 8,
-                allow_pickle: bool = False, trust_remote_code: bool = False) -> Path:
+                allow_pickle: bool = False, trust_remote_code: bool = False,
+                statistics_pass: tuple | None = None) -> Path:
     """Merge each MoE layer's routed experts into `keep` experts; write the smaller checkpoint to `out`.
 
     The statistics pass always runs (the output similarity needs the experts' inputs); a given `se_report` only
     replaces the SE set it finds. About `similarity_tokens` tokens per layer are used for the similarity.
+    `statistics_pass`: (detection report, similarity_gram) of a pass already run with this calibration (the driver
+    runs its one detection pass with the gram attached), so that no second pass runs.
     """
     if se_policy not in SE_POLICIES:
         raise SECompressError(f"unknown --se-policy '{se_policy}' for merging: use singleton (each Super Expert stays "
@@ -104,14 +114,15 @@ def merge_model(model: str, out, *, fraction: float | None = None, keep: int | N
     check_output_path(path, out, force)
     if se_report is not None:
         check_se_report(se_report, config, adapter)
-    batches = -(-samples // batch_size)
-    gram = OutputGram(adapter, config, tokens_per_batch=max(1, -(-similarity_tokens // batches)), seed=seed)
-    try:
-        pass_report = detect(handle, calib=calib, samples=samples, seqlen=seqlen, seed=seed, batch_size=batch_size,
-                             progress=progress, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-                             layer_hook=gram)
-    finally:
-        gram.close()
+    if statistics_pass is not None:  # the driver's detection pass carried the similarity (same calibration)
+        pass_report, gram = statistics_pass
+    else:
+        gram = similarity_gram(handle, samples, seed, batch_size, similarity_tokens)
+        try:
+            pass_report = detect(handle, calib=calib, samples=samples, seqlen=seqlen, seed=seed, batch_size=batch_size,
+                                 progress=progress, layer_hook=gram)
+        finally:
+            gram.close()
     report = se_report if se_report is not None else pass_report
     se_source = "given (--se-report)" if se_report is not None else "detection run by this command (same pass)"
     ses = super_experts_by_layer(report)
