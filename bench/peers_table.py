@@ -42,6 +42,8 @@ def main():
     ap.add_argument("--model", default="default")
     ap.add_argument("--skip", default="", help="comma list of recipes not to run now (marked 'not run')")
     ap.add_argument("--max-windows", type=int, default=128)
+    ap.add_argument("--table-only", action="store_true", help="no compression runs: evaluate what peers_timing.json "
+                    "recorded as run (exit 0) and write the table")
     args = ap.parse_args()
     bits = [int(b) for b in args.bits.split(",")]
     skip = {s for s in args.skip.split(",") if s}
@@ -49,9 +51,9 @@ def main():
     timing = json.loads(timing_file.read_text()) if timing_file.exists() else {}
     logs = REPO / "logs"
     logs.mkdir(exist_ok=True)
-    ran = []
+    ran = [r for r, t in timing.items() if t.get("exit") == 0 and r not in skip] if args.table_only else []
     order = [KINDS[i] for i in RUN_ORDER]
-    for b in bits:
+    for b in ([] if args.table_only else bits):
         for template, _ in order:
             recipe = template.format(b=b)
             if recipe in skip:
