@@ -5,6 +5,7 @@ Counted on the real run, not on stand-ins: the functions that resolve a name, lo
 wrapped (they still run), and an audit hook sees every file opened for reading.
 """
 import json
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -71,8 +72,18 @@ class Counts:
         if getattr(self, "on", False) and event == "open" and args[0] is not None and not isinstance(args[0], int):
             path, mode, flags = Path(args[0]), args[1], args[2]
             reading = ("r" in mode and "+" not in mode) if mode else not flags & 3  # os.open: O_WRONLY|O_RDWR
-            if path.name == "config.json" and reading:
+            if path.name == "config.json" and reading and not _hashing_for_ownership():
                 self.config_reads[path.resolve().parent] += 1
+
+
+def _hashing_for_ownership() -> bool:
+    """ownership.py hashes each file it records as ours (config.json too): bytes for the marker, not a config read."""
+    frame = sys._getframe()
+    while frame is not None:
+        if frame.f_code.co_filename.endswith(os.path.join("se_compress", "ownership.py")):
+            return True
+        frame = frame.f_back
+    return False
 
 
 @pytest.mark.parametrize("model_type", ["qwen3_moe"])
@@ -104,7 +115,7 @@ def test_a_recipe_with_its_twin_opens_each_model_once_and_the_twin_keeps_the_dev
     # the result and the twin are evaluated: each opened once more, as models of their own
     for folder in (twin_out,):
         assert counts.resolved[folder] == 1 and counts.config_reads[folder] == 1 and counts.tokenizers[folder] == 1
-    assert max(counts.resolved.values()) == 1 and max(counts.config_reads.values()) == 1
+    assert max(counts.resolved.values()) == 1 and max(counts.config_reads.values()) == 1, counts.config_reads
     assert max(counts.tokenizers.values()) == 1
     twin_report = json.loads((twin_dir / "compression_report.json").read_text())
     assert twin_report["modules"] and (twin_dir / "eval" / "eval.json").exists()  # made and evaluated on the CPU
