@@ -185,9 +185,13 @@ def session(command: str, device_spec: str | None = None):
     if not (_launched() and int(os.environ["WORLD_SIZE"]) > 1):
         yield
         return
-    with restored(signal.SIGTERM):  # the handlers set below are put back when the run ends (signals.py)
-        with _session(command, device_spec):
-            yield
+    previous = signal.getsignal(signal.SIGTERM)
+    with _session(command, device_spec):
+        yield
+    # A run that ended well puts back the SIGTERM handler it replaced (signals.py). After a failure SIGTERM stays
+    # ignored while the failure is reported (torchrun repeats it: a second one must not cut the line short); the
+    # CLI puts its caller's handler back when the command returns (signals.terminate_like_interrupt).
+    signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 @contextlib.contextmanager

@@ -3,9 +3,10 @@ way), one line is printed, and the exit status is 143 (128 + 15, what a shell re
 
 Python's default for SIGTERM is to die on the spot: no cleanup, a hidden `.<out>.partial` folder left behind.
 `terminate_like_interrupt` raises `Terminated` instead, for as long as a command runs, and puts back whatever
-handler was there before. A distributed run (distributed.py) and torchrun's launcher install handlers of their
-own; `restored` puts the previous ones back when they end, so that SIGTERM still stops the process afterwards
-(it used to stay ignored after a distributed run).
+handler was there before. A distributed run (distributed.session) and torchrun's launcher (`restored` around it)
+install handlers of their own and put the previous ones back when they end, so that SIGTERM still stops the
+process afterwards (it used to stay ignored after a distributed run). After a failed distributed run SIGTERM is
+ignored while the failure is reported (torchrun sends it again), until the command returns.
 """
 import contextlib
 import signal
