@@ -13,7 +13,7 @@ from . import distributed
 from .errors import SECompressError
 from .signals import EXIT_TERMINATED, Terminated, received, terminate_like_interrupt
 from .options import add_options, from_args
-from .recipe import CalibrationOptions, DetectOptions, MergeStage, PruneStage, QuantizeStage, ZeroStage
+from .recipe import AblateStage, CalibrationOptions, DetectOptions, MergeStage, PruneStage, QuantizeStage, ZeroStage
 from .validate import HelpFormatter, OneLineParser, check_args, group_size, positive_int, sequence_length
 
 
@@ -71,12 +71,12 @@ def cmd_detect(args):
     from .detect import detect, write_report
     from .detect.stability import run_stability
 
-    criterion = _criterion(args)
+    options = from_args(DetectOptions, args, "detect")
     if distributed.active() and (args.stability or args.in_memory):
         raise SECompressError("--stability and --in-memory run in one process: launch them without torchrun")
-    common = dict(samples=args.samples, seqlen=args.seqlen, criterion=criterion, batch_size=args.batch_size,
-                  allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
-    report = detect(args.model, calib=args.calib, seed=args.seed, streamed=not args.in_memory, **common)
+    common = dict(samples=options.samples, seqlen=options.seqlen, criterion=options.criterion(),
+                  batch_size=args.batch_size, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+    report = detect(args.model, calib=options.calib, seed=options.seed, streamed=not args.in_memory, **common)
     out = Path(args.out)
     write_report(report, out)
     ses = ", ".join(f"({s['layer']},{s['expert']}) max {s['max_output']:.4g} ch {s['channel']} at {s['token']!r}"
@@ -85,7 +85,7 @@ def cmd_detect(args):
     for note in report["notes"]:
         print(f"note: {note}")
     if args.stability:
-        result = run_stability(args.model, out, base_calib=args.calib, **common)
+        result = run_stability(args.model, out, base_calib=options.calib, **common)
         print(f"stability: SE set {'stable' if result['stable'] else 'CHANGES'}; smallest budget with the full set: "
               f"{result['smallest_full_budget']} tokens (see {out}/stability.md)")
     if args.export:
@@ -113,11 +113,12 @@ def cmd_ablate(args):
 
         se_report = read_se_report(args.se_report)
     else:
-        se_report = detect(args.model, calib=args.calib, samples=args.samples, seqlen=args.seqlen, seed=args.seed,
-                           criterion=_criterion(args), batch_size=args.batch_size, **common)
+        se_report = detect(args.model, **from_args(CalibrationOptions, args).model_dump(), criterion=_criterion(args),
+                           batch_size=args.batch_size, **common)
         write_report(se_report, out)
-    result = ablate(args.model, se_report=se_report, draws=args.draws, seed=args.seed, seqlen=args.eval_seqlen,
-                    max_windows=args.max_windows, text=args.text)
+    o = from_args(AblateStage, args, "ablate")
+    result = ablate(args.model, se_report=se_report, draws=o.draws, seed=args.seed, seqlen=o.eval_seqlen,
+                    max_windows=o.max_windows, text=o.text)
     write_ablation(result, out)
     print(ablation_markdown(result))
     print(f"written: {out}/ablation.json, ablation.md, ablation.png")
@@ -334,12 +335,7 @@ def build_parser():
     _model_args(p)
     p.add_argument("--out", help="folder (default checkpoints/<model>-ablation)")
     p.add_argument("--se-report", help="reuse a se_report.json instead of running detection")
-    p.add_argument("--draws", type=positive_int, default=5, help="random draws of each kind")
-    p.add_argument("--eval-seqlen", type=sequence_length, default=None, help="perplexity window (default: the model's context, at most 2048)")
-    p.add_argument("--max-windows", type=positive_int, default=None, help="evaluate only the first N windows (quick runs; default: all)")
-    p.add_argument("--text", default="wikitext2",
-                   help="perplexity text: wikitext2 (WikiText-2 test, the paper's set), books (the default model's "
-                        "held-out books, its in-domain text) or a UTF-8 text file")
+    add_options(p, AblateStage)
     _calib_args(p)
     _criterion_args(p)
     _device_arg(p)

@@ -78,8 +78,8 @@ def run_stage(stage, current, out: Path, se_report: dict, recipe: Recipe, progre
     elif stage.kind == "ablate":
         from .eval.ablation import ablate, write_ablation
 
-        result = ablate(current, se_report=se_report, draws=o.draws, seed=d.seed, max_windows=o.max_windows,
-                        text=o.text, progress=progress)
+        result = ablate(current, se_report=se_report, draws=o.draws, seed=d.seed, seqlen=o.eval_seqlen,
+                        max_windows=o.max_windows, text=o.text, progress=progress)
         write_ablation(result, out)
         return current  # the model is unchanged; the study is the output
     elif stage.kind == "peer":

@@ -167,9 +167,13 @@ class ZeroStage(Strict):
 
 
 class AblateStage(Strict):
-    draws: int = Field(5, ge=1)
-    max_windows: int | None = Field(None, ge=1)
-    text: str = Field("wikitext2", description="perplexity text: wikitext2, books or a text file")
+    draws: int = Field(5, ge=1, description="random draws of each kind")
+    eval_seqlen: int | None = Field(None, ge=2, description="perplexity window (default: the model's context, at "
+                                    "most 2048)")
+    max_windows: int | None = Field(None, ge=1, description="evaluate only the first N windows (quick runs; default: "
+                                    "all)")
+    text: str = Field("wikitext2", description="perplexity text: wikitext2 (WikiText-2 test, the paper's set), books "
+                      "(the default model's held-out books, its in-domain text) or a UTF-8 text file")
 
     def describe(self) -> tuple[str, None]:
         return "ablate", None

@@ -6,7 +6,7 @@ import pytest
 
 from se_compress.cli import build_parser, main
 from se_compress.options import default, flag, from_args
-from se_compress.recipe import (CalibrationOptions, DetectOptions, MergeStage, PruneStage, QuantizeStage, Recipe,
+from se_compress.recipe import (AblateStage, CalibrationOptions, DetectOptions, MergeStage, PruneStage, QuantizeStage, Recipe,
                                 ZeroStage)
 from se_compress.errors import SECompressError
 
@@ -19,6 +19,7 @@ STAGES = {
     "quantize": ([QuantizeStage, CalibrationOptions], set()),
     "prune": ([PruneStage, ZeroStage, CalibrationOptions], set()),
     "merge": ([MergeStage, CalibrationOptions], set()),
+    "ablate": ([AblateStage, DetectOptions], set()),
 }
 
 
@@ -43,6 +44,8 @@ def test_every_recipe_key_is_a_flag_with_the_same_default_and_back(command):
             assert flags[option].dest == name and flags[option].help, option
             value = getattr(parsed, name) if hasattr(parsed, name) else default(field)  # a switch: unset is the default
             assert value == default(field), f"{option}: CLI default {value!r}, recipe default {default(field)!r}"
+    dests = [a.dest for a in sub._actions]
+    assert len(dests) == len(set(dests)), f"two flags of `se-compress {command}` write the same option: {dests}"
     undeclared = set(flags) - declared - RUN_FLAGS - own
     assert not undeclared, f"`se-compress {command}` flags not declared in recipe.py: {sorted(undeclared)}"
 
