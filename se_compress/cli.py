@@ -13,8 +13,9 @@ from . import distributed
 from .errors import SECompressError
 from .signals import EXIT_TERMINATED, Terminated, received, terminate_like_interrupt
 from .options import add_options, from_args
-from .recipe import AblateStage, CalibrationOptions, DetectOptions, MergeStage, PruneStage, QuantizeStage, ZeroStage
-from .validate import HelpFormatter, OneLineParser, check_args, group_size, positive_int, sequence_length
+from .recipe import (AblateStage, CalibrationOptions, DetectOptions, EvaluateOptions, MergeStage, PruneStage,
+                     QuantizeStage, ZeroStage)
+from .validate import HelpFormatter, OneLineParser, check_args, group_size, positive_int
 
 
 def _model_args(p):
@@ -247,8 +248,9 @@ def cmd_eval(args):
 
         for t in texts:
             eval_text(t)  # a bad --text is one line before any work
-    evaluate_checkpoint(args.model, args.tasks, args.limit, out, seqlen=args.seqlen, texts=texts,
-                        max_windows=args.max_windows, batch_size=args.batch_size, task_source=args.task_source,
+    o = from_args(EvaluateOptions, args, "eval")
+    evaluate_checkpoint(args.model, o.tasks, o.limit, out, seqlen=o.seqlen, texts=texts,
+                        max_windows=o.max_windows, batch_size=args.batch_size, task_source=args.task_source,
                         baseline=baseline, label=args.label, allow_pickle=args.allow_pickle,
                         trust_remote_code=args.trust_remote_code)
     # Printed here, not by evaluate_checkpoint: the driver evaluates in a work folder that is renamed afterwards.
@@ -435,15 +437,11 @@ def build_parser():
                                    "layer, and the repetition rate of greedy generations. No chat template. Writes "
                                    "eval.json and eval.md.")
     _model_args(p)
-    p.add_argument("--tasks", default=None,
-                   help="comma list (default wikitext2,books,arc_easy,arc_challenge,piqa,winogrande,gsm8k,sink,repetition)")
+    add_options(p, EvaluateOptions)
     p.add_argument("--text", default=None,
                    help="perplexity text(s), comma list: wikitext2, books (the default model's held-out books) or a "
                         "UTF-8 text file; replaces the perplexity entries of --tasks (default: those in --tasks)")
-    p.add_argument("--limit", type=positive_int, default=None, help="at most N examples per lm-eval task (quick runs; default: all)")
     p.add_argument("--out", help="folder for eval.json/eval.md (default <checkpoint>/eval, checkpoints/default-eval)")
-    p.add_argument("--seqlen", type=sequence_length, default=None, help="perplexity window (default: the model's context, at most 2048)")
-    p.add_argument("--max-windows", type=positive_int, default=None, help="evaluate only the first N perplexity windows (default: all)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="lm-eval batch size")
     p.add_argument("--task-source", choices=["auto", "local", "hub"], default="auto",
                    help="arc/piqa/winogrande/gsm8k from the shipped copies (local), lm-eval's Hub datasets (hub), or "

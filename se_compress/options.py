@@ -6,7 +6,7 @@ while parsing with validate.py's one line (`--samples 0`: "must be at least 1 ..
 
     int >= 1 -> positive_int, >= 2 -> sequence_length, >= 0 -> non_negative_int
     float in (0, 1) -> open_fraction, (0, 1] -> fraction_up_to_one, > 0 -> positive_float
-    Literal -> choices; list[Literal] -> a comma list; bool -> a switch that flips the default
+    Literal -> choices; list[Literal] or list[str] -> a comma list; bool -> a switch that flips the default
     json_schema_extra `cli_type`: a validate.py type by name (group_size)
 """
 import argparse
@@ -54,9 +54,13 @@ def _bare(annotation):
     return annotation
 
 
-def _comma_list(choices: tuple, what: str):
+def _comma_list(choices: tuple | None, what: str):
+    """'a,b' -> ['a', 'b']; with choices, '' is the first choice ('none') and an unknown item is refused."""
     def parse(text: str) -> list:
-        items = [t.strip() for t in text.split(",") if t.strip()] or [choices[0]]
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if choices is None:
+            return items
+        items = items or [choices[0]]
         unknown = [t for t in items if t not in choices]
         if unknown:
             raise argparse.ArgumentTypeError(f"unknown {what} '{unknown[0]}': use a comma list of "
@@ -80,9 +84,12 @@ def argument(name: str, field) -> tuple[list, dict]:
     elif typing.get_origin(annotation) is typing.Literal:
         choices = typing.get_args(annotation)
         kw.update(type=type(choices[0]), choices=list(choices), default=value)
-    elif typing.get_origin(annotation) is list and typing.get_origin(typing.get_args(annotation)[0]) is typing.Literal:
-        choices = typing.get_args(typing.get_args(annotation)[0])
-        kw.update(type=_comma_list(choices, field.title or name), default=",".join(value), metavar="LIST")
+    elif typing.get_origin(annotation) is list:
+        item = typing.get_args(annotation)[0]
+        choices = typing.get_args(item) if typing.get_origin(item) is typing.Literal else None
+        if choices is None and item is not str:
+            raise TypeError(f"{name}: no CLI type for {annotation}: add one to options.argument")
+        kw.update(type=_comma_list(choices, field.title or name), default=",".join(map(str, value)), metavar="LIST")
     else:
         bounds = tuple((kind, getattr(m, kind)) for m in field.metadata for kind in ("ge", "gt", "le", "lt")
                        if isinstance(m, (Ge, Gt, Le, Lt)) and hasattr(m, kind))

@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import SECompressError
+from .eval.tasks import DEFAULT_TASKS
 from .inputs import RECIPE_LIMIT, read_text
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -207,10 +208,12 @@ class Stage(Strict):
 
 
 class EvaluateOptions(Strict):
-    tasks: list[str] = ["wikitext2", "sink"]
-    limit: int | None = Field(None, ge=1, description="at most N examples per lm-eval task")
-    seqlen: int | None = Field(None, ge=2, description="perplexity window (default: the model's context)")
-    max_windows: int | None = Field(None, ge=1, description="only the first N perplexity windows")
+    tasks: list[str] = Field(DEFAULT_TASKS, description="comma list (a recipe: a list; [] = no evaluation)")
+    limit: int | None = Field(None, ge=1, description="at most N examples per lm-eval task (quick runs; default: all)")
+    seqlen: int | None = Field(None, ge=2, description="perplexity window (default: the model's context, at most "
+                               "2048)")
+    max_windows: int | None = Field(None, ge=1, description="evaluate only the first N perplexity windows (default: "
+                                    "all)")
 
 
 class Recipe(Strict):

@@ -6,8 +6,8 @@ import pytest
 
 from se_compress.cli import build_parser, main
 from se_compress.options import default, flag, from_args
-from se_compress.recipe import (AblateStage, CalibrationOptions, DetectOptions, MergeStage, PruneStage, QuantizeStage, Recipe,
-                                ZeroStage)
+from se_compress.recipe import (AblateStage, CalibrationOptions, DetectOptions, EvaluateOptions, MergeStage,
+                                PruneStage, QuantizeStage, Recipe, ZeroStage)
 from se_compress.errors import SECompressError
 
 # The command's own options: where the model and the output are, how it runs; never a stage's setting.
@@ -20,6 +20,7 @@ STAGES = {
     "prune": ([PruneStage, ZeroStage, CalibrationOptions], set()),
     "merge": ([MergeStage, CalibrationOptions], set()),
     "ablate": ([AblateStage, DetectOptions], set()),
+    "eval": ([EvaluateOptions], {"--text", "--task-source", "--baseline", "--label"}),
 }
 
 
