@@ -77,7 +77,10 @@ def argument(name: str, field) -> tuple[list, dict]:
     if annotation is bool:
         # a switch that turns a default-on field off (--asymmetric, --keep-attention) shows no "(default: True)";
         # left unset, from_args takes the field's default
-        kw.update(action="store_false", default=argparse.SUPPRESS) if value else kw.update(action="store_true")
+        if value:
+            kw.update(action="store_false", default=argparse.SUPPRESS)
+        else:
+            kw.update(action="store_true")
         return [flag(name, field)], kw
     if "cli_type" in extra:
         kw.update(type=getattr(validate, extra["cli_type"]), default=value)
