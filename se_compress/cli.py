@@ -12,8 +12,10 @@ from pathlib import Path
 from . import distributed
 from .errors import SECompressError
 from .signals import EXIT_TERMINATED, Terminated, received, terminate_like_interrupt
-from .validate import (HelpFormatter, OneLineParser, check_args, fraction_up_to_one, group_size, non_negative_int,
-                       open_fraction, positive_float, positive_int, sequence_length)
+from .options import add_options, from_args
+from .recipe import (AblateStage, CalibrationOptions, DetectOptions, EvaluateOptions, MergeStage, PruneStage,
+                     QuantizeStage, ZeroStage)
+from .validate import HelpFormatter, OneLineParser, check_args, group_size, positive_int
 
 
 def _model_args(p):
@@ -42,34 +44,18 @@ def _set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def _calib_args(p, samples=64, seqlen=256):
-    p.add_argument("--calib", default="wikitext2",
-                   help="calibration text: 'wikitext2' (valid split, shipped), 'c4' (shipped sample), a text file, or a Hub dataset org/name[:split]")
-    p.add_argument("--samples", type=positive_int, default=samples, help="number of calibration sequences")
-    p.add_argument("--seqlen", type=sequence_length, default=seqlen, help="tokens per calibration sequence")
-    p.add_argument("--seed", type=non_negative_int, default=0, help="seed for picking calibration sequences")
+def _calib_args(p):
+    """The calibration options (recipe.CalibrationOptions: a recipe's `detect:` keys), and the batch size."""
+    add_options(p, CalibrationOptions)
     p.add_argument("--batch-size", type=positive_int, default=8, help="calibration sequences per forward pass")
 
 
 def _criterion_args(p):
-    p.add_argument("--quantile", type=open_fraction, default=0.995, help="a(l,e) must exceed this quantile of all a (paper: 0.995)")
-    p.add_argument("--max-fraction", type=fraction_up_to_one, default=0.1, help="a(l,e) must exceed max(a) times this (paper: 0.1)")
-    p.add_argument("--layers", default="auto",
-                   help="layers the rule applies to: auto (where massive activations are seen), paper (first 75%%), all, or '1,2,3'")
-    p.add_argument("--massive-ratio", type=positive_float, default=100.0, help="auto layers: max|h| >= this x median|h|")
+    add_options(p, DetectOptions, skip=tuple(CalibrationOptions.model_fields))
 
 
 def _criterion(args):
-    from .detect.rule import Criterion
-
-    if not 0 < args.quantile < 1:
-        raise SECompressError(f"--quantile must be between 0 and 1 (got {args.quantile}); the paper uses 0.995")
-    if not 0 < args.max_fraction <= 1:
-        raise SECompressError(f"--max-fraction must be in (0, 1] (got {args.max_fraction}); the paper uses 0.1")
-    layers = args.layers
-    if layers not in ("auto", "paper", "all") and not all(x.strip().isdigit() for x in layers.split(",")):
-        raise SECompressError(f"--layers must be auto, paper, all or a list like 1,2,3 (got '{layers}')")
-    return Criterion(args.quantile, args.max_fraction, layers, args.massive_ratio)
+    return from_args(DetectOptions, args, "detect").criterion()
 
 
 def _export_tools(text: str) -> list[str]:
@@ -86,12 +72,12 @@ def cmd_detect(args):
     from .detect import detect, write_report
     from .detect.stability import run_stability
 
-    criterion = _criterion(args)
+    options = from_args(DetectOptions, args, "detect")
     if distributed.active() and (args.stability or args.in_memory):
         raise SECompressError("--stability and --in-memory run in one process: launch them without torchrun")
-    common = dict(samples=args.samples, seqlen=args.seqlen, criterion=criterion, batch_size=args.batch_size,
-                  allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
-    report = detect(args.model, calib=args.calib, seed=args.seed, streamed=not args.in_memory, **common)
+    common = dict(samples=options.samples, seqlen=options.seqlen, criterion=options.criterion(),
+                  batch_size=args.batch_size, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+    report = detect(args.model, calib=options.calib, seed=options.seed, streamed=not args.in_memory, **common)
     out = Path(args.out)
     write_report(report, out)
     ses = ", ".join(f"({s['layer']},{s['expert']}) max {s['max_output']:.4g} ch {s['channel']} at {s['token']!r}"
@@ -100,7 +86,7 @@ def cmd_detect(args):
     for note in report["notes"]:
         print(f"note: {note}")
     if args.stability:
-        result = run_stability(args.model, out, base_calib=args.calib, **common)
+        result = run_stability(args.model, out, base_calib=options.calib, **common)
         print(f"stability: SE set {'stable' if result['stable'] else 'CHANGES'}; smallest budget with the full set: "
               f"{result['smallest_full_budget']} tokens (see {out}/stability.md)")
     if args.export:
@@ -128,11 +114,12 @@ def cmd_ablate(args):
 
         se_report = read_se_report(args.se_report)
     else:
-        se_report = detect(args.model, calib=args.calib, samples=args.samples, seqlen=args.seqlen, seed=args.seed,
-                           criterion=_criterion(args), batch_size=args.batch_size, **common)
+        se_report = detect(args.model, **from_args(CalibrationOptions, args).model_dump(), criterion=_criterion(args),
+                           batch_size=args.batch_size, **common)
         write_report(se_report, out)
-    result = ablate(args.model, se_report=se_report, draws=args.draws, seed=args.seed, seqlen=args.eval_seqlen,
-                    max_windows=args.max_windows, text=args.text)
+    o = from_args(AblateStage, args, "ablate")
+    result = ablate(args.model, se_report=se_report, draws=o.draws, seed=args.seed, seqlen=o.eval_seqlen,
+                    max_windows=o.max_windows, text=o.text)
     write_ablation(result, out)
     print(ablation_markdown(result))
     print(f"written: {out}/ablation.json, ablation.md, ablation.png")
@@ -183,13 +170,11 @@ def cmd_quantize(args):
 
     se_report = read_se_report(args.se_report) if args.se_report else None
     out = Path(args.out)
+    options = from_args(QuantizeStage, args, "quantize")
     result = quantize_model(
-        args.model, out, method=args.method, bits=args.bits, group_size=args.group_size,
-        symmetric=not args.asymmetric, se_policy=args.se_policy, output_format=args.format,
-        clip_search=args.clip_search, act_order=args.act_order, quantize_attention=not args.keep_attention,
-        layer_bits=args.layer_bits, se_report=se_report, calib=args.calib, samples=args.samples, seqlen=args.seqlen,
-        seed=args.seed, force=args.force, batch_size=args.batch_size, expert_calibration=args.expert_calibration,
-        allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+        args.model, out, **options.model_dump(), se_report=se_report, **from_args(CalibrationOptions, args).model_dump(),
+        force=args.force, batch_size=args.batch_size, allow_pickle=args.allow_pickle,
+        trust_remote_code=args.trust_remote_code)
     if not distributed.is_main():
         return  # torchrun: rank 0 wrote the checkpoint and reports it
     report = json.loads((result / "compression_report.json").read_text())
@@ -222,22 +207,20 @@ def cmd_prune(args):
     from .prune.common import read_se_report
 
     se_report = read_se_report(args.se_report) if args.se_report else None
-    common = dict(se_report=se_report, calib=args.calib, samples=args.samples, seqlen=args.seqlen, seed=args.seed,
-                  force=args.force, batch_size=args.batch_size, allow_pickle=args.allow_pickle,
+    common = dict(se_report=se_report, **from_args(CalibrationOptions, args).model_dump(), force=args.force, batch_size=args.batch_size, allow_pickle=args.allow_pickle,
                   trust_remote_code=args.trust_remote_code)
-    if args.zero:
+    if args.experts:
         if args.fraction is not None or args.keep is not None:
             raise SECompressError("--zero keeps every expert (it zeroes down_proj): leave out --fraction/--keep")
         out = Path(args.out)
-        result = zero_experts_model(args.model, out, args.zero, **common)
+        result = zero_experts_model(args.model, out, from_args(ZeroStage, args, "prune --zero").experts, **common)
         zeroed = json.loads((result / "compression_report.json").read_text())["zeroed"]
         print(f"zeroed the down_proj of {len(zeroed)} experts: "
               + ", ".join(f"({z['layer']},{z['expert']})" for z in zeroed[:20]) + (" ..." if len(zeroed) > 20 else ""))
         print(f"written: {result} (compression_report.json, README.md)")
         return
     out = Path(args.out)
-    result = prune_model(args.model, out, fraction=args.fraction, keep=args.keep, criterion=args.criterion,
-                         se_policy=args.se_policy, **common)
+    result = prune_model(args.model, out, **from_args(PruneStage, args, "prune").model_dump(), **common)
     _print_compression(result, "prune")
 
 
@@ -247,10 +230,8 @@ def cmd_merge(args):
 
     se_report = read_se_report(args.se_report) if args.se_report else None
     out = Path(args.out)
-    result = merge_model(args.model, out, fraction=args.fraction, keep=args.keep, se_policy=args.se_policy,
-                         se_report=se_report, router_rows=args.router_rows, similarity=args.similarity,
-                         max_cluster_size=args.max_cluster_size, similarity_tokens=args.similarity_tokens,
-                         calib=args.calib, samples=args.samples, seqlen=args.seqlen, seed=args.seed, force=args.force,
+    result = merge_model(args.model, out, **from_args(MergeStage, args, "merge").model_dump(), se_report=se_report,
+                         **from_args(CalibrationOptions, args).model_dump(), force=args.force,
                          batch_size=args.batch_size, allow_pickle=args.allow_pickle,
                          trust_remote_code=args.trust_remote_code)
     _print_compression(result, "merge")
@@ -267,8 +248,9 @@ def cmd_eval(args):
 
         for t in texts:
             eval_text(t)  # a bad --text is one line before any work
-    evaluate_checkpoint(args.model, args.tasks, args.limit, out, seqlen=args.seqlen, texts=texts,
-                        max_windows=args.max_windows, batch_size=args.batch_size, task_source=args.task_source,
+    o = from_args(EvaluateOptions, args, "eval")
+    evaluate_checkpoint(args.model, o.tasks, o.limit, out, seqlen=o.seqlen, texts=texts,
+                        max_windows=o.max_windows, batch_size=args.batch_size, task_source=args.task_source,
                         baseline=baseline, label=args.label, allow_pickle=args.allow_pickle,
                         trust_remote_code=args.trust_remote_code)
     # Printed here, not by evaluate_checkpoint: the driver evaluates in a work folder that is renamed afterwards.
@@ -292,7 +274,7 @@ DEFAULT_OUT = {
     "detect": lambda a, path: f"checkpoints/{_name(a)}-se-report",
     "ablate": lambda a, path: f"checkpoints/{_name(a)}-ablation",
     "quantize": lambda a, path: f"checkpoints/{_name(a)}-w{a.bits}-{a.method}",
-    "prune": lambda a, path: (f"checkpoints/{_name(a)}-zero" if a.zero else
+    "prune": lambda a, path: (f"checkpoints/{_name(a)}-zero" if a.experts else
                               f"checkpoints/{_name(a)}-prune-{a.criterion}-{a.se_policy}-{_size_label(a)}"),
     "merge": lambda a, path: f"checkpoints/{_name(a)}-merge-{a.se_policy}-{_size_label(a)}",
     "eval": lambda a, path: _eval_out(a, path),
@@ -355,12 +337,7 @@ def build_parser():
     _model_args(p)
     p.add_argument("--out", help="folder (default checkpoints/<model>-ablation)")
     p.add_argument("--se-report", help="reuse a se_report.json instead of running detection")
-    p.add_argument("--draws", type=positive_int, default=5, help="random draws of each kind")
-    p.add_argument("--eval-seqlen", type=sequence_length, default=None, help="perplexity window (default: the model's context, at most 2048)")
-    p.add_argument("--max-windows", type=positive_int, default=None, help="evaluate only the first N windows (quick runs; default: all)")
-    p.add_argument("--text", default="wikitext2",
-                   help="perplexity text: wikitext2 (WikiText-2 test, the paper's set), books (the default model's "
-                        "held-out books, its in-domain text) or a UTF-8 text file")
+    add_options(p, AblateStage)
     _calib_args(p)
     _criterion_args(p)
     _device_arg(p)
@@ -412,24 +389,7 @@ def build_parser():
                                    "unquantized. Writes the checkpoint, compression_report.json and a model card.")
     _model_args(p)
     p.add_argument("--out", help="output folder (default checkpoints/<model>-w<bits>-<method>)")
-    p.add_argument("--method", choices=["rtn", "gptq"], default="gptq",
-                   help="round-to-nearest, or GPTQ (error feedback from calibration Hessians)")
-    p.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8], help="bits per quantized weight")
-    p.add_argument("--group-size", type=group_size, default="32",
-                   help="weights per scale: 32, 64, 128..., or 'channel' (one per row); one size must divide every expert "
-                        "input width for pack-quantized output: 32 fits the default model's 32-wide experts, 128 the "
-                        "usual choice for Qwen3-30B-A3B and most published models")
-    p.add_argument("--asymmetric", action="store_true", help="asymmetric ranges with zero points (fake-quant only for experts)")
-    p.add_argument("--se-policy", default="noclip,calib",
-                   help="comma list of noclip, calib, layer, keep; or none (naive). See `compression_report.json`")
-    p.add_argument("--layer-bits", type=positive_int, default=None, help="bits of the experts of SE layers for --se-policy layer (default 8; 16 = bf16)")
-    p.add_argument("--format", choices=["pack-quantized", "fake-quant"], default="pack-quantized",
-                   help="compressed-tensors packed ints (vLLM, transformers) or dequantized weights (evaluation)")
-    p.add_argument("--clip-search", action="store_true", help="MSE grid search of clip ratios per group (never on SE experts with noclip)")
-    p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns in decreasing Hessian diagonal order")
-    p.add_argument("--keep-attention", action="store_true", help="leave attention unquantized")
-    p.add_argument("--expert-calibration", choices=["all", "routed"], default="all",
-                   help="GPTQ expert Hessians from every token (all) or the routed tokens only (RTN below 0.5%% coverage)")
+    add_options(p, QuantizeStage)
     p.add_argument("--se-report", help="se_report.json (or its folder) from se-compress detect; default: detect first")
     p.add_argument("--force", action="store_true", help="replace an existing output folder that se_compress wrote "
                    "(any other folder or file is never replaced)")
@@ -445,12 +405,8 @@ def build_parser():
                                    "down_proj of the given experts and keeps every shape (the SE paper's ablation).")
     _model_args(p)
     p.add_argument("--out", help="output folder (default checkpoints/<model>-prune-<criterion>-<policy>-<size>)")
-    p.add_argument("--fraction", type=open_fraction, help="share of the routed experts removed from each MoE layer, e.g. 0.25")
-    p.add_argument("--keep", type=positive_int, help="routed experts kept per MoE layer")
-    p.add_argument("--criterion", default="reap", help="frequency (routing count), reap (routing weight x output norm, "
-                   "mean over routed tokens), ean (summed output norm) or random (seeded)")
-    p.add_argument("--se-policy", default="protect", help="protect (never remove a Super Expert) or none (naive)")
-    p.add_argument("--zero", help="instead of pruning: zero down_proj of L:E,... (E may be 'shared'), 'se' or 'random:K'")
+    add_options(p, PruneStage)
+    add_options(p, ZeroStage)  # --zero: the zero stage, on the prune command
     p.add_argument("--se-report", help="se_report.json (or its folder): its SEs and per-expert statistics; no calibration pass")
     p.add_argument("--force", action="store_true", help="replace an existing output folder that se_compress wrote "
                    "(any other folder or file is never replaced)")
@@ -466,17 +422,7 @@ def build_parser():
                                    "Super Expert alone. Writes a smaller standard checkpoint.")
     _model_args(p)
     p.add_argument("--out", help="output folder (default checkpoints/<model>-merge-<policy>-<size>)")
-    p.add_argument("--fraction", type=open_fraction, help="share of the routed experts merged away in each MoE layer, e.g. 0.25")
-    p.add_argument("--keep", type=positive_int, help="routed experts per MoE layer after merging")
-    p.add_argument("--se-policy", default="singleton", help="singleton (each Super Expert its own cluster) or none (naive)")
-    p.add_argument("--router-rows", default="frequency",
-                   help="merged router row: frequency (routing-frequency-weighted mean of the rows) or dominant "
-                        "(row of the most used member)")
-    p.add_argument("--similarity", default="outputs", help="outputs (cosine of the experts' outputs on the same "
-                   "tokens) or mean (cosine of their mean outputs, HC-SMoE's feature)")
-    p.add_argument("--max-cluster-size", type=non_negative_int, default=None,
-                   help="largest cluster (default: balanced, ceil(experts / clusters); 0: no limit)")
-    p.add_argument("--similarity-tokens", type=positive_int, default=512, help="calibration tokens per layer for the similarity")
+    add_options(p, MergeStage)
     p.add_argument("--se-report", help="se_report.json (or its folder) whose SE set to use (the pass still runs)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder that se_compress wrote "
                    "(any other folder or file is never replaced)")
@@ -491,15 +437,11 @@ def build_parser():
                                    "layer, and the repetition rate of greedy generations. No chat template. Writes "
                                    "eval.json and eval.md.")
     _model_args(p)
-    p.add_argument("--tasks", default=None,
-                   help="comma list (default wikitext2,books,arc_easy,arc_challenge,piqa,winogrande,gsm8k,sink,repetition)")
+    add_options(p, EvaluateOptions)
     p.add_argument("--text", default=None,
                    help="perplexity text(s), comma list: wikitext2, books (the default model's held-out books) or a "
                         "UTF-8 text file; replaces the perplexity entries of --tasks (default: those in --tasks)")
-    p.add_argument("--limit", type=positive_int, default=None, help="at most N examples per lm-eval task (quick runs; default: all)")
     p.add_argument("--out", help="folder for eval.json/eval.md (default <checkpoint>/eval, checkpoints/default-eval)")
-    p.add_argument("--seqlen", type=sequence_length, default=None, help="perplexity window (default: the model's context, at most 2048)")
-    p.add_argument("--max-windows", type=positive_int, default=None, help="evaluate only the first N perplexity windows (default: all)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="lm-eval batch size")
     p.add_argument("--task-source", choices=["auto", "local", "hub"], default="auto",
                    help="arc/piqa/winogrande/gsm8k from the shipped copies (local), lm-eval's Hub datasets (hub), or "

@@ -62,24 +62,11 @@ def base_eval_dir(model) -> Path:
 
 
 def describe(recipe: Recipe | None) -> tuple[str, str]:
-    """(method, SE policy) of a recipe, for the table."""
+    """(method, SE policy) of a recipe, for the table: from each stage's describe() (recipe.py)."""
     if recipe is None:
         return "original (bf16)", "-"
-    parts, policies = [], []
-    for stage in recipe.stages:
-        o = stage.options
-        if stage.kind == "quantize":
-            parts.append(f"{o.method.upper()} W{o.bits} g{o.group_size}")
-            policies.append("+".join(o.se_policy))
-        elif stage.kind == "peer":
-            parts.append(f"{o.tool} GPTQ W{o.bits} g{o.group_size}")
-            policies.append(f"our SE list: {o.se_export}" if o.se_export != "none" else "none")
-        elif stage.kind in ("prune", "merge"):
-            size = f"-{o.fraction:.0%}" if o.fraction else f"keep {o.keep}"
-            parts.append(f"{stage.kind} {size}" + (f" {o.criterion}" if stage.kind == "prune" else ""))
-            policies.append(o.se_policy)
-        else:
-            parts.append(f"{stage.kind} {getattr(o, 'experts', '')}".strip())
+    described = [stage.options.describe() for stage in recipe.stages]  # each stage's own words (recipe.py)
+    parts, policies = [method for method, _ in described], [policy for _, policy in described if policy is not None]
     return ", ".join(parts), ", ".join(policies) or "-"
 
 

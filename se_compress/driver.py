@@ -22,7 +22,6 @@ from . import distributed as dist
 from .compare import CHECKPOINTS, base_eval_dir, default_output, evaluate_cached, markdown, model_label
 from .compare import refuse_foreign, table_row, write_table
 from .detect import detect, write_report
-from .detect.rule import Criterion
 from .errors import SECompressError
 from .export.writer import check_output_path
 from .models.handle import ModelHandle, open_model
@@ -48,7 +47,7 @@ def se_report_for(model: ModelHandle, recipe: Recipe, progress: bool = True, lay
     if dist.agree(cache.exists()):  # torchrun: rank 0 decides for all (every rank must run detection, or none)
         return json.loads(cache.read_text()), False
     report = detect(model, calib=d.calib, samples=d.samples, seqlen=d.seqlen, seed=d.seed,
-                    criterion=Criterion(d.quantile, d.max_fraction, d.layers), progress=progress, layer_hook=layer_hook)
+                    criterion=d.criterion(), progress=progress, layer_hook=layer_hook)
     write_report(report, cache.parent)
     return report, True
 
@@ -62,20 +61,16 @@ def run_stage(stage, current, out: Path, se_report: dict, recipe: Recipe, progre
     if stage.kind == "prune":
         from .prune import prune_model
 
-        prune_model(current, out, fraction=o.fraction, keep=o.keep, criterion=o.criterion, se_policy=o.se_policy,
-                    se_report=se_report, progress=progress, **calib)
+        prune_model(current, out, **o.model_dump(), se_report=se_report, progress=progress, **calib)
     elif stage.kind == "merge":
         from .merge import merge_model
 
-        merge_model(current, out, fraction=o.fraction, keep=o.keep, se_policy=o.se_policy, se_report=se_report,
-                    progress=progress, statistics_pass=statistics_pass, **calib)
+        merge_model(current, out, **o.model_dump(), se_report=se_report, progress=progress,
+                    statistics_pass=statistics_pass, **calib)
     elif stage.kind == "quantize":
         from .quant import quantize_model
 
-        quantize_model(current, out, method=o.method, bits=o.bits, group_size=o.group_size, symmetric=o.symmetric,
-                       se_policy=tuple(o.se_policy), output_format=o.output_format, clip_search=o.clip_search,
-                       act_order=o.act_order, quantize_attention=o.quantize_attention, layer_bits=o.layer_bits,
-                       se_report=se_report, progress=progress, **calib)
+        quantize_model(current, out, **o.model_dump(), se_report=se_report, progress=progress, **calib)
     elif stage.kind == "zero":
         from .prune import zero_experts_model
 
@@ -83,8 +78,8 @@ def run_stage(stage, current, out: Path, se_report: dict, recipe: Recipe, progre
     elif stage.kind == "ablate":
         from .eval.ablation import ablate, write_ablation
 
-        result = ablate(current, se_report=se_report, draws=o.draws, seed=d.seed, max_windows=o.max_windows,
-                        text=o.text, progress=progress)
+        result = ablate(current, se_report=se_report, draws=o.draws, seed=d.seed, seqlen=o.eval_seqlen,
+                        max_windows=o.max_windows, text=o.text, progress=progress)
         write_ablation(result, out)
         return current  # the model is unchanged; the study is the output
     elif stage.kind == "peer":
@@ -205,7 +200,8 @@ def _compress(recipe: Recipe, base: ModelHandle, out, force: bool, evaluate: boo
         if recipe.stages and recipe.stages[0].kind == "merge":  # merge's similarity rides on the detection pass
             from .merge import similarity_gram
 
-            gram = similarity_gram(base, recipe.detect.samples, recipe.detect.seed)  # merge_model's defaults
+            gram = similarity_gram(base, recipe.detect.samples, recipe.detect.seed,  # merge_model's batch size
+                                   similarity_tokens=recipe.stages[0].merge.similarity_tokens)
         try:
             se_report, ran = se_report_for(base, recipe, progress, layer_hook=gram)
         finally:
@@ -219,7 +215,7 @@ def _compress(recipe: Recipe, base: ModelHandle, out, force: bool, evaluate: boo
                 # Expert numbers changed: find the SEs again in the smaller model.
                 d = recipe.detect
                 se_report = detect(current, calib=d.calib, samples=d.samples, seqlen=d.seqlen, seed=d.seed,
-                                   criterion=Criterion(d.quantile, d.max_fraction, d.layers), progress=progress)
+                                   criterion=d.criterion(), progress=progress)
             stage_out = final if i == len(recipe.stages) - 1 else work / f"stage{i}-{stage.kind}"
             if progress:
                 print(f"[{recipe.name}] stage {i + 1}/{len(recipe.stages)}: {stage.kind} {stage.options.model_dump(exclude_none=True)}", flush=True)
