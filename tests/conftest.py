@@ -42,3 +42,25 @@ def tiny_model(tmp_path_factory, tokenizer):
         return cache[key]
 
     return make
+
+
+def signal_quantize_while_writing(tmp_path, sig, env=None):
+    """Start `quantize default --method rtn` (no detection pass: straight to writing) into tmp_path/area/w4, send
+    `sig` once the layer loop runs, and return (argv, exit status, the lines starting with 'error:', all stderr)."""
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "se_compress", "quantize", "default", "--method", "rtn", "--se-policy", "none",
+            "--out", str(tmp_path / "area" / "w4")]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
+    seen = ""
+    while "quantize rtn" not in seen:  # the layer loop has started: the checkpoint is being written
+        char = proc.stderr.read(1)
+        if not char:
+            break
+        seen += char
+    assert "quantize rtn" in seen, seen
+    proc.send_signal(sig)
+    _, rest = proc.communicate(timeout=120)
+    err = seen + rest
+    return argv, proc.returncode, [line for line in err.splitlines() if line.startswith("error:")], err

@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO
+from conftest import REPO, signal_quantize_while_writing
 from se_compress.cli import main
 from se_compress.errors import SECompressError
 from se_compress.inputs import check_activation_memory
@@ -221,26 +221,14 @@ def _env():
 
 
 def test_sigterm_ends_quantize_like_ctrl_c_and_a_rerun_completes(tmp_path):
-    out = tmp_path / "area" / "w4"
-    argv = [sys.executable, "-m", "se_compress", "quantize", "default", "--method", "rtn", "--se-policy", "none",
-            "--out", str(out)]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=_env())
-    seen = ""
-    while "quantize rtn" not in seen:  # the layer loop has started: the checkpoint is being written
-        char = proc.stderr.read(1)
-        if not char:
-            break
-        seen += char
-    assert "quantize rtn" in seen, seen
-    proc.send_signal(signal.SIGTERM)
-    _, rest = proc.communicate(timeout=120)
-    lines = [line for line in (seen + rest).splitlines() if line.startswith("error:")]
-    assert proc.returncode == 143 and len(lines) == 1 and "Traceback" not in rest, seen + rest
+    argv, code, lines, err = signal_quantize_while_writing(tmp_path, signal.SIGTERM, env=_env())
+    assert code == 143 and len(lines) == 1 and "Traceback" not in err, err
     assert "terminated (SIGTERM)" in lines[0]
     assert list((tmp_path / "area").iterdir()) == []  # no .partial folder, nothing at the output name
 
     rerun = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, env=_env(), timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
+    out = tmp_path / "area" / "w4"
     assert (out / "compression_report.json").exists() and (out / "config.json").exists()
 
 

@@ -332,21 +332,9 @@ def test_interrupt_while_writing_leaves_nothing_that_looks_complete(tmp_path):
     partial one."""
     import signal
 
-    out = tmp_path / "area" / "w4"
-    proc = subprocess.Popen([sys.executable, "-m", "se_compress", "quantize", "default", "--method", "rtn",
-                             "--se-policy", "none", "--out", str(out)],  # no detection pass: straight to writing
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
-    seen = ""
-    while "quantize rtn" not in seen:  # the layer loop has started: the checkpoint is being written
-        char = proc.stderr.read(1)
-        if not char:
-            break
-        seen += char
-    assert "quantize rtn" in seen, seen
-    proc.send_signal(signal.SIGINT)
-    _, rest = proc.communicate(timeout=120)
-    err = seen + rest
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert proc.returncode == 130 and len(lines) == 1 and "Traceback" not in err, err
+    from conftest import signal_quantize_while_writing
+
+    _, code, lines, err = signal_quantize_while_writing(tmp_path, signal.SIGINT)
+    assert code == 130 and len(lines) == 1 and "Traceback" not in err, err
     assert "interrupted" in lines[0]
     assert list((tmp_path / "area").iterdir()) == []

@@ -46,9 +46,9 @@ def default_out(model: str, path: Path) -> Path:
 def open_checkpoint(handle: ModelHandle) -> Checkpoint:
     """A reader that returns dense weights: compressed-tensors checkpoints (any writer) are dequantized through the
     compressed-tensors library (models/ct_checkpoint.py)."""
-    qc = handle.config_dict.get("quantization_config") or handle.config_dict.get("compression_config") or {}
-    if isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors":
-        from ..models.ct_checkpoint import CompressedTensorsCheckpoint
+    from ..models.ct_checkpoint import CompressedTensorsCheckpoint, is_compressed_tensors
+
+    if is_compressed_tensors(handle.config_dict):
 
         return CompressedTensorsCheckpoint(handle.path, allow_pickle=handle.allow_pickle,
                                            trust_remote_code=handle.trust_remote_code, config_dict=handle.config_dict,

@@ -36,17 +36,14 @@ def _refuse(path: Path, what: str) -> SECompressError:
                            f"or the unquantized model")
 
 
-def quantization_config_of(path: Path) -> dict:
-    config = json.loads((Path(path) / "config.json").read_text())
-    return config.get("quantization_config") or config.get("compression_config") or {}
+def quantization_config(config: dict) -> dict:
+    """A parsed config.json's quantization config (older compressed-tensors writers call it compression_config)."""
+    qc = config.get("quantization_config") or config.get("compression_config") or {}
+    return qc if isinstance(qc, dict) else {}
 
 
-def is_compressed_tensors(path: Path) -> bool:
-    try:
-        qc = quantization_config_of(path)
-    except (OSError, ValueError):
-        return False
-    return isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors"
+def is_compressed_tensors(config: dict) -> bool:
+    return quantization_config(config).get("quant_method") == "compressed-tensors"
 
 
 class CompressedTensorsCheckpoint(Checkpoint):
@@ -63,8 +60,7 @@ class CompressedTensorsCheckpoint(Checkpoint):
         from pydantic import ValidationError
 
         config = self._config_dict  # as the model handle read it (models/handle.py), else read here
-        raw = (config.get("quantization_config") or config.get("compression_config") or {}) if config is not None \
-            else quantization_config_of(self.path)
+        raw = quantization_config(config if config is not None else json.loads((self.path / "config.json").read_text()))
         if raw.get("transform_config"):
             raise _refuse(self.path, f"transforms ({', '.join(raw['transform_config'].get('config_groups', {})) or 'rotations'})")
         if raw.get("sparsity_config"):

@@ -31,9 +31,11 @@ class HessianSum:
 
     H = sum over batches b of X_b^T X_b. Each batch's product is computed in the placement's stats dtype (fp32, GPTQ's
     reference precision) and added into a float64 running sum; the token mean is rounded to fp32 once, at the end.
-    Why float64: fp32 partial products of similar size add up exactly in float64 (24-bit mantissas, 53 bits of room),
-    so the sum does not depend on the order of the batches, and N processes that each add their own batches and then
-    sum the ranks in a fixed order give the one-process Hessian bit for bit (issue 21: same bytes for any N).
+    Why float64: fp32 partial products (24-bit mantissas) add up exactly in float64 (53 bits) while they lie within
+    about 2^(29 - log2 batches) of each other, and otherwise with an error far below fp32's last bit; so the sum
+    hardly depends on the order of the batches, and after the one rounding to fp32 N processes that each add their
+    own batches and then sum the ranks in a fixed order give the one-process Hessian bit for bit, unless an entry
+    lands on a rounding tie (none in tests/test_distributed.py; issue 21: same bytes for any N).
     Triggers (policy `calib`): the trigger rows' X^T X is kept apart the same way."""
 
     def __init__(self, dim: int, track_triggers: bool = False):
