@@ -2,7 +2,7 @@
 
 transformers 5 fuses a layer's experts into 3-D parameters, so there is no per-expert module to hook.
 Instead `recording_experts_forward` is registered as an experts implementation: it runs the layer's grouped
-expert forward (models/expert_forward.py, the same as the eager loop bit for bit) and, when the experts module
+expert forward (models/expert_forward.py, the eager loop's math to fp32 rounding) and, when the experts module
 carries a `se_recorder`, records for every expert, over every token routed to it (not only the first token per
 batch, the bug of the paper's code), from each expert's output while it is computed (no second pass):
   max |down_proj output| (before the routing weight), with the token and hidden channel where it happens;

@@ -17,8 +17,11 @@ before the routing weight: SE statistics). With `all_tokens`, every token goes t
 (all-expert calibration: every expert's down_proj Hessian sees all tokens), and the routed rows are taken from
 that intermediate, so the layer's output still follows the real routing.
 
-Each expert's matmuls have the same operands, shapes and order as transformers' eager loop, and the output is
-summed in the same order, so the result is bit for bit the one of the code this replaced.
+Each expert's matmuls have the same operands and shapes as transformers' eager loop, and the output is summed in
+the same expert order. The eager loop gathers an expert's tokens slot by slot (torch.where over [k, T]); this
+gathers them in token order. A BLAS matmul's result for one row can depend on where the row sits in its block
+(row-permuted [n, 64] @ [64, 64] products differ in the last bit for 3 of 5 small n on our CPU), so the output
+equals eager's to fp32 rounding, not bit for bit, on every machine.
 """
 from dataclasses import dataclass
 
