@@ -8,7 +8,12 @@ hashing (they change from run to run); everything else, every safetensors byte i
     python bench/core_checksums.py --out bench/results/core_checksums-main.json    # before a refactor
     python bench/core_checksums.py --out /tmp/after.json --against bench/results/core_checksums-main.json
 
-`--against` prints every entry that differs and exits 1 when one does.
+`--against` prints every entry that differs and exits 1 when one does. `--code DIR` runs another tree's se_compress
+(e.g. `git archive 77881a4 | tar x -C /tmp/old`, with a patch applied) on the same cases.
+
+The `*-64x256` cases calibrate with the recipes' 64 x 256 tokens (8 batches): with one batch (the other cases) a
+float64 Hessian sum rounds to the same fp32 matrix as an fp32 running sum, so only several batches show how the
+sum is made.
 """
 import argparse
 import hashlib
@@ -24,6 +29,7 @@ VOLATILE = {"seconds", "compress_seconds", "path", "out", "source", "created", "
             "source_fingerprint", "fingerprint", "started", "finished", "seconds_per_stage",
             "metrics_seconds"}
 SMALL = ["--samples", "8", "--seqlen", "64"]
+RECIPES = ["--samples", "64", "--seqlen", "256"]  # the shipped recipes' calibration: 8 batches
 
 
 def _clean(value):
@@ -57,8 +63,11 @@ def checksums(folder: Path) -> dict:
     return out
 
 
+CODE = REPO  # the tree whose se_compress runs (--code)
+
+
 def run(args: list[str], cwd: Path) -> None:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    env = dict(os.environ, PYTHONPATH=str(CODE), OMP_NUM_THREADS="1", TQDM_DISABLE="1")
     done = subprocess.run([sys.executable, "-m", "se_compress", *args], cwd=cwd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"failed: se-compress {' '.join(args)}\n{done.stderr[-2000:]}")
@@ -86,7 +95,10 @@ def main() -> None:
     ap.add_argument("--against", default=None, help="an earlier result: print what differs, exit 1 if anything does")
     ap.add_argument("--only", default=None, help="comma list of case names (default: all)")
     ap.add_argument("--rehash", default=None, help="hash the folders of an earlier run (its work folder) instead of running")
+    ap.add_argument("--code", default=None, help="the folder holding the se_compress package to run (default: this repo)")
     args = ap.parse_args()
+    global CODE
+    CODE = Path(args.code).resolve() if args.code else REPO
     work = Path(tempfile.mkdtemp(prefix="core-checksums-"))
     twin = work / "tiny-int4-naive.yaml"
     twin.write_text("name: tiny-int4-naive\ndetect: {calib: wikitext2, samples: 8, seqlen: 64}\nstages:\n"
@@ -101,6 +113,10 @@ def main() -> None:
         "detect-default": lambda: ["detect", "default", "--out", "o", *SMALL],
         "rtn-default": lambda: ["quantize", "default", "--out", "o", "--method", "rtn", "--bits", "4", *SMALL],
         "gptq-default": lambda: ["quantize", "default", "--out", "o", "--method", "gptq", "--bits", "4", *SMALL],
+        "gptq-default-64x256": lambda: ["quantize", "default", "--out", "o", "--method", "gptq", "--bits", "4",
+                                        "--se-policy", "noclip,calib", *RECIPES],
+        "gptq-clip-default-64x256": lambda: ["quantize", "default", "--out", "o", "--method", "gptq", "--bits", "3",
+                                             "--se-policy", "noclip,calib", "--clip-search", *RECIPES],
         "prune-default": lambda: ["prune", "default", "--out", "o", "--fraction", "0.25", *SMALL],
         "merge-default": lambda: ["merge", "default", "--out", "o", "--fraction", "0.25", "--similarity-tokens", "64",
                                   *SMALL],

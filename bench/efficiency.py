@@ -18,7 +18,7 @@ must do (2 flops per multiply-add):
   down_proj input Hessian, E T 2 I^2; the shared gate/up input Hessian, T 2 H^2; the routed down_proj, T k 2 I H;
 - gptq: per matrix [O, I]: the error feedback O I^2 (block updates) + O I b (in-block, b = 128) and the
   Cholesky/inverse/Cholesky of H, 4/3 I^3 when the matrix has its own Hessian;
-- metrics: tr((W - Q) H (W - Q)^T) per matrix, 2 O I^2.
+- metrics: tr((W - Q) H (W - Q)^T) per matrix on the 64 rows the engine samples (quant/rtn.metric_rows), 2 x 64 x I^2.
 """
 import time
 
@@ -206,7 +206,11 @@ def gptq_flops(rows: int, cols: int, own_hessian: bool, blocksize: int = 128) ->
 
 
 def metrics_flops(rows: int, cols: int) -> float:
-    return 3 * 2 * rows * cols * cols  # tr(D H D^T) for GPTQ and for RTN, and tr(W H W^T)
+    """tr(D H D^T) for GPTQ and for RTN, and tr(W H W^T), on the rows the engine samples (rtn.metric_rows)."""
+    from se_compress.quant.rtn import metric_rows
+
+    sampled = len(range(rows)[metric_rows(rows)])
+    return 3 * 2 * sampled * cols * cols
 
 
 def gptq_pass(config, adapter, layer, collector, experts: int, device) -> dict:
@@ -214,7 +218,7 @@ def gptq_pass(config, adapter, layer, collector, experts: int, device) -> dict:
     shared one) through quant/gptq.py's solver, then the report metrics of each matrix; both as shares."""
     from se_compress.quant.gptq import gptq_quantize_batched, prepare_hessian, prepare_hessians
     from se_compress.quant.hessian import expert_weights
-    from se_compress.quant.rtn import QuantSpec, output_error, rtn_quantize
+    from se_compress.quant.rtn import QuantSpec, metric_rows, output_error, rtn_quantize
 
     s = layer_shape(config, adapter)
     H, I = s["H"], s["I"]
@@ -229,7 +233,8 @@ def gptq_pass(config, adapter, layer, collector, experts: int, device) -> dict:
     for which, (rows, cols) in (("down", (H, I)), ("gate_up", (2 * I, H))):
         own = which == "down"
         kinds[which] = (experts * gptq_flops(rows, cols, own), matmul_rate(rows, 128, cols, torch.float32, device))
-        metric_kinds[which] = (experts * metrics_flops(rows, cols), matmul_rate(rows, cols, cols, torch.float32, device))
+        sampled = len(range(rows)[metric_rows(rows)])
+        metric_kinds[which] = (experts * metrics_flops(rows, cols), matmul_rate(sampled, cols, cols, torch.float32, device))
         chunk = chunks[which] = _solve_chunk(experts, rows, cols, own)
         _sync(device)
         t = time.perf_counter()
@@ -241,10 +246,12 @@ def gptq_pass(config, adapter, layer, collector, experts: int, device) -> dict:
         _sync(device)
         seconds += time.perf_counter() - t
         t = time.perf_counter()
-        for e, qt in enumerate(solved):  # the report's metrics, as the engine computes them today
+        r = metric_rows(rows)
+        for e, qt in enumerate(solved):  # the report's metrics, as the engine computes them (LayerQuantizer._finish)
             Hm = hess[which][e] if own else hess[which]
-            output_error(mats[which][e], qt.dequantize().float(), Hm)
-            output_error(mats[which][e], rtn_quantize(mats[which][e], spec).dequantize().float(), Hm)
+            W = mats[which][e]
+            output_error(W[r], qt.dequantize().float()[r], Hm)
+            output_error(W[r], rtn_quantize(W[r], spec).dequantize().float(), Hm)
         _sync(device)
         metric_seconds += time.perf_counter() - t
     out = {"gptq": share(kinds, seconds), "metrics": share(metric_kinds, metric_seconds)}

@@ -222,14 +222,16 @@ def worker_quantize(args) -> dict:
         self_placement[0] = placement
         placement.reset_peak()
         start = time.perf_counter()
-        quantize_model(str(args.ckpt), out, method="gptq", bits=4, group_size=128, se_policy="none",
+        quantize_model(str(args.ckpt), out, method=args.method, bits=4, group_size=128, se_policy="none",
                        expert_calibration="all", samples=args.samples, seqlen=args.seqlen, batch_size=args.batch_size,
                        progress=False, force=True)
         end = time.perf_counter()
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    report = json.loads((out / "compression_report.json").read_text())
     shutil.rmtree(out, ignore_errors=True)
-    return {"seconds": end - start, "per_layer": per_layer, "tokens": args.samples * args.seqlen,
-            "output_gb": size / 2**30, "placement": placement.describe(), **_peaks(placement)}
+    return {"seconds": end - start, "per_layer": per_layer, "tokens": args.samples * args.seqlen, "method": args.method,
+            "metrics_seconds": report.get("metrics_seconds"), "output_gb": size / 2**30,
+            "placement": placement.describe(), **_peaks(placement)}
 
 
 def worker_solve(args) -> dict:
@@ -355,6 +357,9 @@ def summarize(results: dict) -> dict:
             per = moe_mean(m["per_layer"], name)
             row[kind] = {"tokens": m["tokens"], "per_layer_s": per, "full_model_min": per * depth / 60,
                          "peak_rss_gb": m["peak_rss_gb"], "peak_gpu_gb": m["peak_gpu_gb"]}
+            if m.get("metrics_seconds") is not None:  # the report's output errors, inside the quantize run
+                row[kind].update(metrics_seconds=m["metrics_seconds"], seconds=m["seconds"],
+                                 metrics_share=m["metrics_seconds"] / m["seconds"])
         d, s = row.get("detect"), row.get("detect_small")
         if d and s and d["tokens"] != s["tokens"]:  # linear in tokens: load + tokens x cost per token
             slope = (d["per_layer_s"] - s["per_layer_s"]) / (d["tokens"] - s["tokens"])
@@ -393,6 +398,11 @@ def markdown(results: dict) -> str:
                      f"{fmt(d, 'per_layer_s')} | {fmt(d, 'full_model_min')} | {fmt(q, 'tokens', '{}')} | "
                      f"{fmt(q, 'per_layer_s')} | {fmt(q, 'full_model_min')} | "
                      f"{fmt(d, 'peak_rss_gb')} / {fmt(q, 'peak_rss_gb')} | {gpu} |")
+    for row in results["rows"]:
+        q = row.get("quantize") or {}
+        if "metrics_share" in q:
+            lines.append(f"\n{row['model']}: the report's metrics took {q['metrics_seconds']:.1f} s of the GPTQ run's "
+                         f"{q['seconds']:.0f} s ({100 * q['metrics_share']:.1f}%; issue 18's target: at most 10%).")
     est = [r for r in results["rows"] if "detect_full_tokens_estimate" in r]
     if est:
         lines += ["", f"Detection extrapolated to {FULL_TOKENS} calibration tokens (128 x 2048), linear in tokens "
@@ -421,7 +431,8 @@ def markdown(results: dict) -> str:
         for kind in ("detect", "quantize"):
             m = big.get(kind)
             if m and "error" not in m:
-                lines.append(f"| {kind} | {m['tokens']} | {m['seconds']:.0f} | {moe_mean(m['per_layer'], 'qwen3-30b-a3b'):.1f} "
+                label = f"{kind} ({m.get('method', 'gptq').upper()} W4 g128)" if kind == "quantize" else kind
+                lines.append(f"| {label} | {m['tokens']} | {m['seconds']:.0f} | {moe_mean(m['per_layer'], 'qwen3-30b-a3b'):.1f} "
                              f"| {m['peak_rss_gb']:.2f} | {100 * m['peak_rss_gb'] / env['ram_gb']:.0f}% |")
             elif m:
                 lines.append(f"| {kind} | - | failed: {m['error']} | | | |")
@@ -520,7 +531,10 @@ def main():
     p.add_argument("--reuse", help="a scale.json of an earlier run: its measures fill in the skipped ones (labelled)")
     p.add_argument("--big", action="store_true", help="also the >RAM Qwen3-shaped checkpoint (~30 GB, 24 layers)")
     p.add_argument("--big-layers", type=int, default=24)
-    p.add_argument("--big-quantize", default="gptq", choices=["gptq", "none"])
+    p.add_argument("--big-quantize", default="gptq", choices=["gptq", "rtn", "none"],
+                   help="the >RAM checkpoint through quantize: gptq, or rtn (the same streamed load/write without the "
+                   "solves: 24 layers of GPTQ take hours on a CPU; one layer's GPTQ working set is the per-model run)")
+    p.add_argument("--no-big-detect", action="store_true", help="the >RAM checkpoint: skip detect (merge an earlier run's)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--threads", type=int, default=0, help="CPU threads per measure (0: torch's default; 1 on a shared CPU)")
     p.add_argument("--passes-tokens", default="4x128", help="SxL of the per-pass efficiency measure (bench/efficiency.py)")
@@ -532,6 +546,7 @@ def main():
     # worker mode (one measure in this process)
     p.add_argument("--worker", choices=list(WORKERS))
     p.add_argument("--ckpt")
+    p.add_argument("--method", default="gptq")
     p.add_argument("--out-dir")
     p.add_argument("--model")
     p.add_argument("--samples", type=int)
@@ -553,7 +568,7 @@ def main():
                 results["models"].setdefault(name, {}).update({k: v for k, v in m.items() if k not in
                                                                results["models"][name]})
             results["before"] = results.get("before") or r.get("before")
-            results["big"] = r.get("big") or results.get("big")
+            results["big"] = {**(r.get("big") or {}), **(results.get("big") or {})}  # per stage, the first run's wins
             results["notes"] += [n for n in r["notes"] if n not in results["notes"]]
         write_results(results, Path(args.out))
         return
@@ -625,10 +640,11 @@ def main():
         print(f"[scale] big checkpoint ready: {size:.1f} GiB ({time.time() - t:.0f} s)", flush=True)
         big = results["big"] = {"layers": args.big_layers, "size_gb": size, "checkpoint": str(ckpt)}
         s, l = detect_budgets[0]
-        big["detect"] = run_worker("detect", log, ckpt=ckpt, samples=s, seqlen=l, **common)
-        if args.big_quantize == "gptq":
+        if not args.no_big_detect:
+            big["detect"] = run_worker("detect", log, ckpt=ckpt, samples=s, seqlen=l, **common)
+        if args.big_quantize != "none":
             big["quantize"] = run_worker("quantize", log, ckpt=ckpt, out_dir=data / "qwen3-big-q", samples=gptq_budget[0],
-                                         seqlen=gptq_budget[1], **common)
+                                         seqlen=gptq_budget[1], method=args.big_quantize, **common)
     if not cuda:
         results["notes"].append("CPU only (2 shared cores): calibration budgets are small and the full-model minutes are "
                                 "for those budgets; the detect table above extrapolates to 128x2048 tokens linearly. "

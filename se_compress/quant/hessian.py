@@ -2,8 +2,8 @@
 
 Linear modules (attention, dense MLPs, shared experts) get a forward pre-hook. The fused routed experts have no
 per-expert module to hook, so `collecting_experts_forward` is registered as a transformers experts
-implementation: it runs the grouped expert forward of models/expert_forward.py (the same as the eager loop bit
-for bit: the layer's output, and so the next layer's inputs, follow the real routing) and accumulates the
+implementation: it runs the grouped expert forward of models/expert_forward.py (the eager loop's math, to fp32
+rounding: the layer's output, and so the next layer's inputs, follow the real routing) and accumulates the
 Hessians from each expert's inputs as they are computed:
 
 - expert_calibration="all" (default, as llm-compressor's moe_calibrate_all_experts): every calibration token
