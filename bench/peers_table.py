@@ -44,6 +44,8 @@ def main():
     ap.add_argument("--max-windows", type=int, default=128)
     ap.add_argument("--table-only", action="store_true", help="no compression runs: evaluate what peers_timing.json "
                     "recorded as run (exit 0) and write the table")
+    ap.add_argument("--no-table", action="store_true", help="compression runs only (timings recorded); build the "
+                    "table later with --table-only")
     args = ap.parse_args()
     bits = [int(b) for b in args.bits.split(",")]
     skip = {s for s in args.skip.split(",") if s}
@@ -70,6 +72,8 @@ def main():
             if result["exit"] == 0:
                 ran.append(recipe)
             print(f"  {result}", flush=True)
+    if args.no_table:
+        return
     sys.path.insert(0, str(REPO))
     from se_compress.compare import compare
 

@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 from ..models.checkpoint import resolve_model
+from ..ownership import mark
 from . import calibration_ids, check_installed, run_key, run_peer
 from .export import export_text
 
@@ -39,4 +40,5 @@ def run_peer_stage(options, current: str, out: Path, se_report: dict, calib: dic
     (Path(out) / "peer.json").write_text(json.dumps({**result, "run": str(run_dir)}, indent=2))
     if recipe_text is not None:
         (Path(out) / name).write_text(recipe_text)
+    mark(out)  # we wrote this copy (ownership.py): the driver may write its reports into it
     return Path(out)
