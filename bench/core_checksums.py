@@ -44,7 +44,9 @@ def _clean(value):
 
 
 def digest(file: Path) -> str:
-    if file.suffix == ".json":
+    if file.name == ".se_compress-output.json":  # the ownership marker: which files it lists (their hashes hold times)
+        data = json.dumps(sorted(json.loads(file.read_text())["files"])).encode()
+    elif file.suffix == ".json":
         data = json.dumps(_clean(json.loads(file.read_text())), sort_keys=True).encode()
     else:
         data = file.read_bytes()
@@ -99,7 +101,7 @@ def main() -> None:
     args = ap.parse_args()
     global CODE
     CODE = Path(args.code).resolve() if args.code else REPO
-    work = Path(tempfile.mkdtemp(prefix="core-checksums-"))
+    work = Path(args.rehash) if args.rehash else Path(tempfile.mkdtemp(prefix="core-checksums-"))
     twin = work / "tiny-int4-naive.yaml"
     twin.write_text("name: tiny-int4-naive\ndetect: {calib: wikitext2, samples: 8, seqlen: 64}\nstages:\n"
                     "  - quantize: {method: gptq, bits: 4, group_size: 32, symmetric: true, se_policy: [none],"
