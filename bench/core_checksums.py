@@ -75,7 +75,7 @@ def run(args: list[str], cwd: Path) -> None:
 
 def tiny(model_type: str, folder: Path) -> Path:
     """The test fixtures' tiny model of `model_type` (tests/conftest.py: 512-token BPE, planted SEs)."""
-    sys.path.insert(0, str(REPO / "tests"))
+    sys.path[:0] = [str(REPO), str(REPO / "tests")]  # the fixtures are built by this repo's code, whatever --code runs
     from conftest import planted
     from transformers import AutoTokenizer
 
@@ -140,6 +140,7 @@ def main() -> None:
         run(cases[name](), cwd)
         result[name] = checksums(cwd)
         print(f"{name}: {len(result[name])} files", flush=True)
+        Path(args.out).write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")  # kept if a later case fails
     Path(args.out).write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
     if args.against:
         before = json.loads(Path(args.against).read_text())
