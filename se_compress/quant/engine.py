@@ -6,8 +6,9 @@ Per decoder layer (GPTQ):
   2. MLP Hessians: the batches go through again (now through the quantized attention); the routed experts
      through `collecting_experts_forward` (hessian.py), dense MLPs and shared experts through hooks; quantized;
   3. the batches go through the quantized layer: the next layer's inputs.
-RTN needs no calibration data and skips all three passes. Routers, shared-expert gates, norms, embeddings and
-lm_head are never quantized.
+RTN needs no calibration data and skips all three passes. The three passes are the rounds Engine.layer_rounds asks
+of the streamed runner (models/runner.py), which owns the layer loop. Routers, shared-expert gates, norms,
+embeddings and lm_head are never quantized.
 """
 import json
 import os
