@@ -105,7 +105,14 @@ def worker(args) -> None:
         return wrapper
 
     detect_module.collect_streamed = timed(detect_module.collect_streamed, "detect_pass")
-    engine.Engine.run_layer = timed(engine.Engine.run_layer, "quantize_layer")
+    layer_rounds = engine.Engine.layer_rounds
+
+    def timed_rounds(*a, **k):  # a generator: the layer's time runs from its first round to its write
+        start = time.perf_counter()
+        yield from layer_rounds(*a, **k)
+        times["quantize_layer"].append(time.perf_counter() - start)
+
+    engine.Engine.layer_rounds = timed_rounds
     engine.LayerQuantizer.experts = timed(engine.LayerQuantizer.experts, "expert_solve")
     out = Path(args.out)
     with dist.session("quantize"):

@@ -206,16 +206,15 @@ def worker_quantize(args) -> dict:
     from se_compress.quant import engine, quantize_model
 
     per_layer = []
-    run_layer = engine.Engine.run_layer
+    layer_rounds = engine.Engine.layer_rounds
 
-    def timed(self, *a, **kw):
+    def timed(self, *a, **kw):  # a generator: the layer's time runs from its first round to its write
         t = time.perf_counter()
-        out = run_layer(self, *a, **kw)
+        yield from layer_rounds(self, *a, **kw)
         _sync(self_placement[0])
         per_layer.append(time.perf_counter() - t)
-        return out
 
-    engine.Engine.run_layer = timed
+    engine.Engine.layer_rounds = timed
     self_placement = [None]
     out = Path(args.out_dir)
     with use_device(args.device) as placement:

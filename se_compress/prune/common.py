@@ -9,6 +9,7 @@ from ..errors import SECompressError
 from ..inputs import read_json_report
 from ..export.writer import CheckpointWriter
 from ..models.formats import rewritten_config
+from ..models.runner import stream_layers
 
 REPORT_NAME = "compression_report.json"
 
@@ -124,9 +125,8 @@ def expert_statistics(report: dict, layer: int, num_experts: int) -> dict[str, n
 
 def write_edited_checkpoint(sm, ckpt, out, new_config, edit_layer, extra_files: dict, force: bool,
                             progress: bool = True) -> Path:
-    """Stream the model layer by layer: load, `edit_layer(i, layer)` in memory, write, free. One layer in memory."""
-    from tqdm.auto import tqdm
-
+    """Stream the model layer by layer through the runner (models/runner.py, no batches): load, `edit_layer(i, layer)`
+    in memory, write, free. One layer in memory."""
     # Written from the in-memory (dequantized) model: not in an FP8/MXFP4 input's stored format, and without its MTP
     # layer; the config, report and card say so.
     new_config, notes = rewritten_config(new_config, ckpt)
@@ -140,11 +140,13 @@ def write_edited_checkpoint(sm, ckpt, out, new_config, edit_layer, extra_files: 
             extra_files["README.md"] += "\n## Stored format\n\n" + "".join(f"- {n}.\n" for n in notes)
     with CheckpointWriter(ckpt, out, new_config, force=force) as writer:
         writer.add_outside_layers(sm.model)
-        for i in tqdm(range(len(sm.layers)), desc="write layers", disable=not progress):
-            layer = sm.load_layer(i)
+
+        def edit_and_write(i, layer):  # no round to run: the runner frees the layer once it is written
             edit_layer(i, layer)
             writer.add_module(f"model.layers.{i}", layer)
-            sm.free_layer(i)
+            return ()
+
+        stream_layers(sm, None, 0, rounds_for=edit_and_write, progress=progress, desc="write layers")
         return writer.finish(extra_files=extra_files)
 
 

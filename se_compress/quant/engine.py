@@ -6,8 +6,9 @@ Per decoder layer (GPTQ):
   2. MLP Hessians: the batches go through again (now through the quantized attention); the routed experts
      through `collecting_experts_forward` (hessian.py), dense MLPs and shared experts through hooks; quantized;
   3. the batches go through the quantized layer: the next layer's inputs.
-RTN needs no calibration data and skips all three passes. Routers, shared-expert gates, norms, embeddings and
-lm_head are never quantized.
+RTN needs no calibration data and skips all three passes. The three passes are the rounds Engine.layer_rounds asks
+of the streamed runner (models/runner.py), which owns the layer loop. Routers, shared-expert gates, norms,
+embeddings and lm_head are never quantized.
 """
 import json
 import os
@@ -16,19 +17,19 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .. import distributed as dist
 from ..errors import SECompressError
 from ..models.adapters import adapter_for
 from ..models.handle import model_name, open_model
 from ..models.placement import current
+from ..models.runner import Round, stream_layers
 from ..models.streaming import LAYERS_PREFIX, StreamedModel
 from . import compressed_tensors as ct
 from .gptq import (CholeskyFailed, gptq_bytes_per_matrix, gptq_quantize, gptq_quantize_batched, prepare_hessian,
                    prepare_hessians, solve_chunk)
 from .expert_split import ExpertSplit
-from .hessian import ExpertCollector, HessianSum, expert_weights, linear_hooks, reduce_hessians, use_collector
+from .hessian import ExpertCollector, HessianHooks, HessianSum, TriggerMask, expert_weights, reduce_hessians
 from .policies import KEEP_BITS, Plan, parse_policy, super_experts_from_report, super_weight_mask, trigger_mask
 from .report import build_model_card, summarize
 from .rtn import QuantSpec, Quantized, metric_rows, output_error, rtn_quantize, weight_error
@@ -302,13 +303,17 @@ class Engine:
         self.__dict__.update(kw)
         self.modules, self.super_weights, self.warnings, self.notes = [], [], [], []
         self.metric_seconds = 0.0  # the report's output errors (rtn.metric_rows), against the run's total
+        self.trigger_ref = {}  # "mask": the trigger tokens of the batch running now (TriggerMask), for the hooks
 
     def trigger_weight_for(self, kind):
         return self.trigger_weight if kind == "shared" and self.plan.calib(self._layer, "shared") else 0.0
 
-    def run_layer(self, sm: StreamedModel, i: int, hidden, layer_args, batch_triggers):
+    def layer_rounds(self, writer, i: int, layer, triggers: TriggerMask | None):
+        """What quantizing decoder layer i asks of the streamed runner (models/runner.py), as a generator of rounds:
+        GPTQ collects the attention inputs, quantizes attention, collects the MLP inputs (through the quantized
+        attention), quantizes the MLP, then runs the quantized layer for the next layer's inputs; RTN needs no
+        round. The quantized layer is written before the runner frees it."""
         self._layer = i
-        layer = sm.load_layer(i)
         lq = LayerQuantizer(self, i, layer)
         linears = _layer_linears(self.adapter, self.config, layer, i, self.quantize_attention)
         attention = {k: v for k, v in linears.items() if v[1] == "attention"}
@@ -319,48 +324,29 @@ class Engine:
             lq.linears(linears, None, self.trigger_weight_for)
             if experts is not None:
                 lq.experts(experts, None)
-            return layer, lq
-        trigger_ref = {}
-
-        def run_all(collect=True):
-            for b in range(len(hidden)):
-                trigger_ref["mask"] = sm.placement.to_compute(batch_triggers[b].reshape(-1))
-                out = sm.run_layer(i, hidden[b], layer_args[b][i])
-                if not collect:
-                    hidden[b] = out
-
+            self.write_layer(writer, i, layer, lq)
+            return
         if attention:
             sums = {k: HessianSum(m.in_features) for k, (m, _) in attention.items()}
-            handles = linear_hooks({k: m for k, (m, _) in attention.items()}, sums, trigger_ref)
-            try:
-                run_all()
-            finally:
-                for h in handles:
-                    h.remove()
+            yield Round([triggers, HessianHooks({k: m for k, (m, _) in attention.items()}, sums, self.trigger_ref)],
+                        keep_outputs=False)
             reduce_hessians(sums.values())
             lq.linears(attention, sums, self.trigger_weight_for)
         track = lambda kind: kind == "shared" and self.plan.calib(i, "shared")
         sums = {k: HessianSum(m.in_features, track(kind)) for k, (m, kind) in mlp_linears.items()}
-        handles = linear_hooks({k: m for k, (m, _) in mlp_linears.items()}, sums, trigger_ref)
         collector = None
-        try:
-            if experts is not None:
-                calib_experts = {x for x in range(experts.num_experts) if self.plan.calib(i, x)}
-                collector = ExpertCollector(experts, self.expert_calibration, calib_experts, trigger_ref)
-                with use_collector(experts, collector):
-                    run_all()
-            else:
-                run_all()
-        finally:
-            for h in handles:
-                h.remove()
+        if experts is not None:
+            calib_experts = {x for x in range(experts.num_experts) if self.plan.calib(i, x)}
+            collector = ExpertCollector(experts, self.expert_calibration, calib_experts, self.trigger_ref)
+        yield Round([triggers, HessianHooks({k: m for k, (m, _) in mlp_linears.items()}, sums, self.trigger_ref,
+                                            experts, collector)], keep_outputs=False)
         reduce_hessians(sums.values(), collector)
         lq.linears(mlp_linears, sums, self.trigger_weight_for)
         if experts is not None:
             lq.experts(experts, collector)
             self.expert_tokens[i] = collector.count.tolist()
-        run_all(collect=False)  # the quantized layer's outputs: the next layer's inputs
-        return layer, lq
+        yield Round([])  # the quantized layer's outputs: the next layer's inputs
+        self.write_layer(writer, i, layer, lq)
 
     def write_layer(self, writer, i, layer, lq):
         prefix = f"{LAYERS_PREFIX}{i}."
@@ -563,21 +549,10 @@ def quantize_model(model: str, out, *, method: str = "gptq", bits: int = 4, grou
         if output_format == "pack-quantized":
             new_config.quantization_config = _pack_layout(engine, sm)
         writer.add_outside_layers(sm.model)
-        hidden, layer_args, batch_triggers = [], [], []
-        if method == "gptq":
-            ids = calibration.input_ids
-            triggers = trigger_mask(ids, ses)
-            starts = dist.batch_starts(ids.shape[0], batch_size)  # torchrun: this rank's batches
-            sm.plan_activations(sum(ids[b: b + batch_size].numel() for b in starts))
-            for b in starts:
-                h, args = sm.embed_and_layer_kwargs(ids[b: b + batch_size])
-                hidden.append(sm.placement.hold(h))
-                layer_args.append(args)
-                batch_triggers.append(triggers[b: b + batch_size])
-        for i in tqdm(range(len(sm.layers)), desc=f"quantize {method} w{bits}", disable=not progress):
-            layer, lq = engine.run_layer(sm, i, hidden, layer_args, batch_triggers)
-            engine.write_layer(writer, i, layer, lq)
-            sm.free_layer(i)
+        ids = calibration.input_ids if method == "gptq" else None  # RTN: no batches, layers only written
+        triggers = TriggerMask(trigger_mask(ids, ses), batch_size, engine.trigger_ref) if ids is not None else None
+        stream_layers(sm, ids, batch_size, rounds_for=lambda i, layer: engine.layer_rounds(writer, i, layer, triggers),
+                      data_parallel=True, progress=progress, desc=f"quantize {method} w{bits}")  # torchrun: own batches
         if not dist.is_main():
             return Path(out)
         report = summarize(engine, model=model_name(model), source=path, requested_format=requested_format,

@@ -187,3 +187,35 @@ class use_collector:
         self.experts.config._experts_implementation = self.saved
         del self.experts.se_quant_collector
         return False
+
+
+class TriggerMask:
+    """Accumulator that tells the Hessian sums which tokens of the batch about to run are trigger tokens (policy
+    `calib`): trigger_ref["mask"] <- the batch's rows of `triggers` [N, L], flattened, where the layer computes."""
+
+    def __init__(self, triggers: torch.Tensor, batch_size: int, trigger_ref: dict):
+        self.triggers, self.batch_size, self.trigger_ref = triggers, batch_size, trigger_ref
+
+    def begin(self, place) -> None:
+        first = place.index * self.batch_size
+        self.trigger_ref["mask"] = current().to_compute(self.triggers[first: first + self.batch_size].reshape(-1))
+
+
+class HessianHooks:
+    """Accumulator of one collection round: the Linear modules' inputs into their HessianSums (forward pre-hooks) and,
+    given a layer's experts, their inputs into `collector` (collecting_experts_forward). close() takes both off."""
+
+    def __init__(self, linears: dict[str, nn.Linear], sums: dict[str, HessianSum], trigger_ref: dict, experts=None,
+                 collector: ExpertCollector | None = None):
+        self.handles = linear_hooks(linears, sums, trigger_ref)
+        self.using = use_collector(experts, collector) if experts is not None else None
+        if self.using is not None:
+            self.using.__enter__()
+
+    def close(self) -> None:
+        if self.using is not None:
+            self.using.__exit__(None, None, None)
+            self.using = None
+        for h in self.handles:
+            h.remove()
+        self.handles = []
