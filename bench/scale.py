@@ -359,6 +359,15 @@ def summarize(results: dict) -> dict:
             if m.get("metrics_seconds") is not None:  # the report's output errors, inside the quantize run
                 row[kind].update(metrics_seconds=m["metrics_seconds"], seconds=m["seconds"],
                                  metrics_share=m["metrics_seconds"] / m["seconds"])
+        p, q = r.get("passes") or {}, row.get("quantize")
+        if q and all(k in p for k in ("hessian", "gptq", "metrics")):  # the whole layer against the passes' rates
+            tokens_ratio = q["tokens"] / p["hessian"]["tokens"]
+            experts_ratio = p["of_experts"] / p["experts"]
+            parts = {"hessian": tokens_ratio, "gptq": experts_ratio, "metrics": experts_ratio}
+            ideal = sum(p[k]["ideal_seconds"] * f for k, f in parts.items())
+            q["layer_efficiency"] = {"ideal_s": ideal, "efficiency": ideal / q["per_layer_s"],
+                                     "flops": sum(p[k]["flops"] * f for k, f in parts.items()),
+                                     **{f"{k}_flops": p[k]["flops"] * f for k, f in parts.items()}}
         d, s = row.get("detect"), row.get("detect_small")
         if d and s and d["tokens"] != s["tokens"]:  # linear in tokens: load + tokens x cost per token
             slope = (d["per_layer_s"] - s["per_layer_s"]) / (d["tokens"] - s["tokens"])
@@ -402,6 +411,13 @@ def markdown(results: dict) -> str:
         if "metrics_share" in q:
             lines.append(f"\n{row['model']}: the report's metrics took {q['metrics_seconds']:.1f} s of the GPTQ run's "
                          f"{q['seconds']:.0f} s ({100 * q['metrics_share']:.1f}%; issue 18's target: at most 10%).")
+        if "layer_efficiency" in q:
+            e = q["layer_efficiency"]
+            lines.append(f"{row['model']}: one whole layer's GPTQ (every expert) needs {e['flops'] / 1e12:.2f} TFLOP "
+                         f"(Hessians of {q['tokens']} tokens {e['hessian_flops'] / 1e9:.0f} GFLOP, solves "
+                         f"{e['gptq_flops'] / 1e9:.0f}, metrics {e['metrics_flops'] / 1e9:.0f}): ideal {e['ideal_s']:.0f} s "
+                         f"at the per-pass rates measured above, measured {q['per_layer_s']:.0f} s: "
+                         f"{100 * e['efficiency']:.0f}% of the matmul rate.")
     est = [r for r in results["rows"] if "detect_full_tokens_estimate" in r]
     if est:
         lines += ["", f"Detection extrapolated to {FULL_TOKENS} calibration tokens (128 x 2048), linear in tokens "
