@@ -13,6 +13,7 @@ byte-identical run to run; the CPU against itself is the control. Results: deter
 import argparse
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -59,7 +60,8 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=256)
     args = ap.parse_args()
     work = args.out / "determinism-work"
-    work.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(work, ignore_errors=True)  # this script's scratch: an earlier run's outputs would be refused as foreign
+    work.mkdir(parents=True)
     calib = ["--samples", str(args.samples), "--seqlen", str(args.seqlen)]
     result = {"device": args.device, "model": "default", "calibration": f"{args.samples} x {args.seqlen} WikiText-2 valid"}
     times = {}

@@ -75,7 +75,7 @@ def main():
     if args.no_table:
         return
     sys.path.insert(0, str(REPO))
-    from se_compress.compare import compare
+    from se_compress.driver import compare
 
     table = compare(ran, model=args.model, out=REPO / "checkpoints" / f"compare-{args.model}-peers",
                     tasks=["wikitext2", "books"], max_windows=args.max_windows)
