@@ -565,6 +565,7 @@ def quantize_model(model: str, out, *, method: str = "gptq", bits: int = 4, grou
     report["source_size_bytes"] = ckpt.size_bytes()
     report["seconds"] = round(time.time() - start, 2)
     report["metrics_seconds"] = round(engine.metric_seconds, 3)  # of which: the output errors of this report
+    report["torch_threads"] = torch.get_num_threads()  # the BLAS's sums follow the threads: 1 and 2 give other bytes
     tmp = out_path / ".compression_report.json.tmp"
     tmp.write_text(json.dumps(report, indent=2))
     os.replace(tmp, out_path / "compression_report.json")
