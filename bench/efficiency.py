@@ -205,12 +205,16 @@ def gptq_flops(rows: int, cols: int, own_hessian: bool, blocksize: int = 128) ->
     return rows * cols * cols + rows * cols * blocksize + (4 / 3 * cols ** 3 if own_hessian else 0)
 
 
-def metrics_flops(rows: int, cols: int) -> float:
-    """tr(D H D^T) for GPTQ and for RTN, and tr(W H W^T), on the rows the engine samples (rtn.metric_rows)."""
+def sampled_rows(rows: int) -> int:
+    """How many rows of a [rows, cols] matrix the engine's report metrics use (rtn.metric_rows)."""
     from se_compress.quant.rtn import metric_rows
 
-    sampled = len(range(rows)[metric_rows(rows)])
-    return 3 * 2 * sampled * cols * cols
+    return len(range(rows)[metric_rows(rows)])
+
+
+def metrics_flops(rows: int, cols: int) -> float:
+    """tr(D H D^T) for GPTQ and for RTN, and tr(W H W^T), on the rows the engine samples."""
+    return 3 * 2 * sampled_rows(rows) * cols * cols
 
 
 def gptq_pass(config, adapter, layer, collector, experts: int, device) -> dict:
@@ -233,8 +237,8 @@ def gptq_pass(config, adapter, layer, collector, experts: int, device) -> dict:
     for which, (rows, cols) in (("down", (H, I)), ("gate_up", (2 * I, H))):
         own = which == "down"
         kinds[which] = (experts * gptq_flops(rows, cols, own), matmul_rate(rows, 128, cols, torch.float32, device))
-        sampled = len(range(rows)[metric_rows(rows)])
-        metric_kinds[which] = (experts * metrics_flops(rows, cols), matmul_rate(sampled, cols, cols, torch.float32, device))
+        metric_kinds[which] = (experts * metrics_flops(rows, cols),
+                               matmul_rate(sampled_rows(rows), cols, cols, torch.float32, device))
         chunk = chunks[which] = _solve_chunk(experts, rows, cols, own)
         _sync(device)
         t = time.perf_counter()

@@ -5,16 +5,15 @@ calibration tokens and perplexity windows. Writes bench/results/quant.json, quan
     python bench/quant.py                      # the default model
     python bench/quant.py --model path/to/moe --bits 4 --eval-windows 64
 
-GPTQModel runs in its own virtual environment (it pins numpy and pulls torchao, datasets...; it is never a
-dependency of se_compress): `python bench/quant.py --setup-gptqmodel` creates build/gptqmodel-venv with
-`pip install gptqmodel==7.6.0`; the run uses GPTQMODEL_CPU_WORKERS=2. If it cannot install or run, the exact error
-goes into the results instead of its numbers.
+GPTQModel runs through the peers' runner in its own virtual environment (se_compress/peers: `make peers` or
+`python bench/quant.py --setup-gptqmodel` creates build/gptqmodel-venv with gptqmodel==7.6.0,
+GPTQMODEL_CPU_WORKERS=2), on the same calibration ids; its dense dequantized copy is measured by our evaluator on
+the same windows. If it cannot install or run, the exact error goes into the results instead of its numbers.
 """
 import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,6 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
-VENV = REPO / "build" / "gptqmodel-venv"
 POLICIES = ["none", "noclip", "calib", "layer", "keep", "noclip,calib"]  # the last: the CLI's default
 
 
@@ -42,24 +40,10 @@ def parse_args(argv=None):
     ap.add_argument("--out", default=str(RESULTS), help="results folder")
     ap.add_argument("--work", default=str(REPO / "build" / "bench-quant"), help="scratch folder for checkpoints")
     ap.add_argument("--skip-gptqmodel", action="store_true")
-    ap.add_argument("--setup-gptqmodel", action="store_true", help="create build/gptqmodel-venv and exit")
-    ap.add_argument("--gptqmodel-timeout", type=int, default=3600)
+    ap.add_argument("--setup-gptqmodel", action="store_true", help="create the GPTQModel peer venv and exit")
     ap.add_argument("--resume", action="store_true", help="keep the rows of an interrupted (quant.json.tmp) or finished run")
     ap.add_argument("--redo", nargs="*", default=[], help="with --resume: run these SE policies again")
     return ap.parse_args(argv)
-
-
-def setup_gptqmodel() -> str | None:
-    """Create the venv and install GPTQModel; returns None or the error text."""
-    if (VENV / "bin" / "python").exists():
-        return None
-    cmds = [[sys.executable, "-m", "venv", "--system-site-packages", str(VENV)],
-            [str(VENV / "bin" / "pip"), "install", "gptqmodel==7.6.0"]]
-    for cmd in cmds:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode:
-            return f"`{' '.join(cmd)}` failed: {proc.stderr.strip()[-1500:]}"
-    return None
 
 
 def size_of(path: Path) -> int:
@@ -67,33 +51,28 @@ def size_of(path: Path) -> int:
 
 
 def run_gptqmodel(args, model_path, calibration, windows, bits, work: Path) -> dict:
+    """GPTQModel through the peers' runner (se_compress/peers: its own venv, our calibration ids, GPTQModel's own
+    dequantization into a dense copy), then our evaluator on the same windows as our rows."""
+    from se_compress.errors import SECompressError
+    from se_compress.eval.perplexity import perplexity_streamed
+    from se_compress.models.checkpoint import Checkpoint
+    from se_compress.peers import run_peer, setup_peer
+
     row = {"tool": "GPTQModel 7.6.0", "method": "gptqmodel", "bits": bits, "policy": "n/a"}
-    err = setup_gptqmodel()
-    if err:
-        return {**row, "ok": False, "error": err}
-    work.mkdir(parents=True, exist_ok=True)
-    torch.save(calibration, work / "calib_ids.pt")
-    torch.save(windows, work / "windows.pt")
-    out, result = work / f"gptqmodel-w{bits}", work / f"gptqmodel-w{bits}.json"
+    out = work / f"gptqmodel-w{bits}"
     shutil.rmtree(out, ignore_errors=True)
-    result.unlink(missing_ok=True)
-    env = {**os.environ, "GPTQMODEL_CPU_WORKERS": "2"}
-    cmd = [str(VENV / "bin" / "python"), str(REPO / "bench" / "gptqmodel_run.py"), "--model", str(model_path),
-           "--calib-ids", str(work / "calib_ids.pt"), "--windows", str(work / "windows.pt"), "--bits", str(bits),
-           "--group-size", str(args.group_size), "--out", str(out), "--result", str(result)]
     start = time.time()
-    with open(work / f"gptqmodel-w{bits}.log", "w") as log:
-        try:
-            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=args.gptqmodel_timeout)
-        except subprocess.TimeoutExpired:
-            return {**row, "ok": False, "error": f"timed out after {args.gptqmodel_timeout} s"}
-    if not result.exists():
-        return {**row, "ok": False, "error": f"exited {proc.returncode} without a result; see {work}/gptqmodel-w{bits}.log"}
-    r = json.loads(result.read_text())
+    try:
+        setup_peer("gptqmodel")
+        peer = run_peer("gptqmodel", model_path, calibration, bits, args.group_size, out)
+    except SECompressError as exc:  # not installable here, or the run failed: its exact error goes in the row
+        return {**row, "ok": False, "error": str(exc)}
+    wall = round(time.time() - start, 1)
+    ppl = perplexity_streamed(Checkpoint(out / peer["checkpoint"]), windows, progress=False)["ppl"]
     shutil.rmtree(out, ignore_errors=True)
-    return {**row, "ok": r.get("ok", False), "ppl": r.get("ppl"), "seconds": r.get("quantize_seconds"),
-            "size_bytes": r.get("size_bytes"), "error": r.get("error"), "stage": r.get("stage"),
-            "wall_seconds": round(time.time() - start, 1)}
+    return {**row, "ok": True, "ppl": ppl, "seconds": peer["runner"].get("quantize_seconds"),
+            "size_bytes": peer["runner"].get("gptq_size_bytes"), "peak_rss_mib": peer["peak_rss_mib"],
+            "wall_seconds": wall}
 
 
 def main(argv=None):
@@ -106,9 +85,10 @@ def main(argv=None):
     from se_compress.quant.compressed_tensors import PackedCheckpoint
 
     if args.setup_gptqmodel:
-        err = setup_gptqmodel()
-        print(err or f"GPTQModel ready in {VENV}")
-        return 1 if err else 0
+        from se_compress.peers import setup_peer
+
+        print(f"GPTQModel ready: {setup_peer('gptqmodel')}")
+        return 0
     out_dir, work = Path(args.out), Path(args.work)
     out_dir.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,5 @@
 """GPTQModel's GPTQ on our calibration tokens, run by the peer's own virtual environment's python (never imported
-by se_compress). Same mechanism as bench/gptqmodel_run.py.
+by se_compress; bench/quant.py uses it too).
 
     build/gptqmodel-venv/bin/python se_compress/peers/gptqmodel_run.py --model M --calib-ids ids.pt \
         --bits 4 --group-size 32 --out DIR --result result.json [--recipe gptqmodel_dynamic.json]
@@ -10,14 +10,14 @@ module's weight dequantized by GPTQModel itself (`dequantize_weight`) into a den
 (same keys: GPTQModel's per-expert modules are the per-expert disk keys). se_compress evaluates that copy: it does
 not read the GPTQ format. Writes result.json: versions, seconds, GPTQ size, or the failing stage and its error.
 """
-import argparse
 import json
 import os
-import resource
 import shutil
 import time
 import traceback
 from pathlib import Path
+
+from runner_args import parse_args, peak_rss_mib  # beside this script (never se_compress)
 
 
 def dense_copy(source: Path, qmodel, out: Path) -> int:
@@ -51,13 +51,7 @@ def dense_copy(source: Path, qmodel, out: Path) -> int:
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    for name in ("--model", "--calib-ids", "--out", "--result"):
-        ap.add_argument(name, required=True)
-    ap.add_argument("--bits", type=int, default=4)
-    ap.add_argument("--group-size", type=int, default=32)
-    ap.add_argument("--recipe", default=None, help="gptqmodel_dynamic.json from se-compress detect --export gptqmodel")
-    args = ap.parse_args()
+    args = parse_args("gptqmodel_dynamic.json from se-compress detect --export gptqmodel")
     result = {"tool": "GPTQModel", "bits": args.bits, "group_size": args.group_size, "recipe": args.recipe,
               "cpu_workers": os.environ.get("GPTQMODEL_CPU_WORKERS"), "threads": os.environ.get("OMP_NUM_THREADS")}
     stage, start = "import", time.time()
@@ -91,7 +85,7 @@ def main():
         result.update(ok=False, stage=stage, error=f"{type(exc).__name__}: {exc}"[:2000],
                       traceback=traceback.format_exc()[-4000:])
     result["wall_seconds"] = round(time.time() - start, 1)
-    result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    result["peak_rss_mib"] = peak_rss_mib()
     with open(args.result, "w") as f:
         json.dump(result, f, indent=2)
 

@@ -11,28 +11,18 @@ compressed. With --recipe, the recipe file (se-compress detect --export llmcompr
 calibration is exactly our token ids ([N, L] int64), one sample per row, no shuffling or truncation.
 Writes result.json: versions, wall seconds, peak RSS, or the stage that failed and its error.
 """
-import argparse
 import json
 import os
-import resource
 import time
 import traceback
+
+from runner_args import parse_args, peak_rss_mib  # beside this script (never se_compress)
 
 ROUTERS = ["lm_head", "re:.*mlp\\.gate$", "re:.*shared_expert_gate$"]
 
 
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
 def main():
-    ap = argparse.ArgumentParser()
-    for name in ("--model", "--calib-ids", "--out", "--result"):
-        ap.add_argument(name, required=True)
-    ap.add_argument("--bits", type=int, default=4)
-    ap.add_argument("--group-size", type=int, default=32)
-    ap.add_argument("--recipe", default=None, help="an llm-compressor recipe file instead of the plain GPTQModifier")
-    args = ap.parse_args()
+    args = parse_args("an llm-compressor recipe file instead of the plain GPTQModifier")
     result = {"tool": "llm-compressor", "bits": args.bits, "group_size": args.group_size, "recipe": args.recipe,
               "threads": os.environ.get("OMP_NUM_THREADS")}
     stage, start = "import", time.time()
@@ -70,7 +60,7 @@ def main():
         result.update(ok=False, stage=stage, error=f"{type(exc).__name__}: {exc}"[:2000],
                       traceback=traceback.format_exc()[-4000:])
     result["wall_seconds"] = round(time.time() - start, 1)
-    result["peak_rss_mib"] = round(peak_rss_mib(), 1)
+    result["peak_rss_mib"] = peak_rss_mib()
     with open(args.result, "w") as f:
         json.dump(result, f, indent=2)
 

@@ -172,20 +172,26 @@ ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, collecting_experts_forward)
 
 
 class use_collector:
-    """Context: route `experts` through collecting_experts_forward with `collector` attached."""
+    """Route `experts` through collecting_experts_forward with `collector` attached: open() ... close(), or a context."""
 
     def __init__(self, experts, collector: ExpertCollector):
-        self.experts, self.collector = experts, collector
+        self.experts, self.collector, self.saved = experts, collector, None
 
-    def __enter__(self):
+    def open(self) -> ExpertCollector:
         self.saved = self.experts.config._experts_implementation
         self.experts.se_quant_collector = self.collector
         self.experts.config._experts_implementation = IMPLEMENTATION
         return self.collector
 
-    def __exit__(self, *exc):
+    def close(self) -> None:
         self.experts.config._experts_implementation = self.saved
         del self.experts.se_quant_collector
+
+    def __enter__(self):
+        return self.open()
+
+    def __exit__(self, *exc):
+        self.close()
         return False
 
 
@@ -210,11 +216,11 @@ class HessianHooks:
         self.handles = linear_hooks(linears, sums, trigger_ref)
         self.using = use_collector(experts, collector) if experts is not None else None
         if self.using is not None:
-            self.using.__enter__()
+            self.using.open()
 
     def close(self) -> None:
         if self.using is not None:
-            self.using.__exit__(None, None, None)
+            self.using.close()
             self.using = None
         for h in self.handles:
             h.remove()
