@@ -443,10 +443,10 @@ def markdown(results: dict) -> str:
         lines += ["", f"Checkpoint larger than RAM: {big['layers']} Qwen3-30B-A3B layers, {big['size_gb']:.1f} GiB on "
                   f"disk, {env['ram_gb']:.0f} GiB RAM:", "", "| stage | tokens | wall s | s/layer | peak RSS GiB | "
                   "share of RAM |", "|---|---|---|---|---|---|"]
-        for kind in ("detect", "quantize"):
+        for kind in ("detect", "quantize", "quantize_rtn", "quantize_gptq"):  # "quantize": runs before 'rtn,gptq'
             m = big.get(kind)
             if m and "error" not in m:
-                label = f"{kind} ({m.get('method', 'gptq').upper()} W4 g128)" if kind == "quantize" else kind
+                label = f"quantize ({m.get('method', 'gptq').upper()} W4 g128)" if kind.startswith("quantize") else kind
                 lines.append(f"| {label} | {m['tokens']} | {m['seconds']:.0f} | {moe_mean(m['per_layer'], 'qwen3-30b-a3b'):.1f} "
                              f"| {m['peak_rss_gb']:.2f} | {100 * m['peak_rss_gb'] / env['ram_gb']:.0f}% |")
             elif m:
@@ -518,7 +518,8 @@ def plot(results: dict, path: Path) -> None:
     if results.get("big") and results["big"].get("detect") and "error" not in results["big"]["detect"]:
         b = results["big"]
         rss.append((f"qwen3 {b['layers']} layers\n({b['size_gb']:.0f} GiB ckpt)",
-                    max(b[k]["peak_rss_gb"] for k in ("detect", "quantize") if b.get(k) and "error" not in b[k])))
+                    max(b[k]["peak_rss_gb"] for k in ("detect", "quantize", "quantize_rtn", "quantize_gptq")
+                        if b.get(k) and "error" not in b[k])))
     axes[1].bar(range(len(rss)), [v for _, v in rss])
     axes[1].set_xticks(range(len(rss)), [n for n, _ in rss], fontsize=7)
     axes[1].axhline(0.25 * results["environment"]["ram_gb"], color="red", ls="--", label="25% of RAM")
@@ -546,9 +547,9 @@ def main():
     p.add_argument("--reuse", help="a scale.json of an earlier run: its measures fill in the skipped ones (labelled)")
     p.add_argument("--big", action="store_true", help="also the >RAM Qwen3-shaped checkpoint (~30 GB, 24 layers)")
     p.add_argument("--big-layers", type=int, default=24)
-    p.add_argument("--big-quantize", default="gptq", choices=["gptq", "rtn", "none"],
-                   help="the >RAM checkpoint through quantize: gptq, or rtn (the same streamed load/write without the "
-                   "solves: 24 layers of GPTQ take hours on a CPU; one layer's GPTQ working set is the per-model run)")
+    p.add_argument("--big-quantize", default="gptq",
+                   help="the >RAM checkpoint through quantize: gptq, rtn (the same streamed load/write without the "
+                   "solves), both as 'rtn,gptq', or none")
     p.add_argument("--no-big-detect", action="store_true", help="the >RAM checkpoint: skip detect (merge an earlier run's)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--threads", type=int, default=0, help="CPU threads per measure (0: torch's default; 1 on a shared CPU)")
@@ -657,9 +658,10 @@ def main():
         s, l = detect_budgets[0]
         if not args.no_big_detect:
             big["detect"] = run_worker("detect", log, ckpt=ckpt, samples=s, seqlen=l, **common)
-        if args.big_quantize != "none":
-            big["quantize"] = run_worker("quantize", log, ckpt=ckpt, out_dir=data / "qwen3-big-q", samples=gptq_budget[0],
-                                         seqlen=gptq_budget[1], method=args.big_quantize, **common)
+        for method in [m for m in args.big_quantize.split(",") if m != "none"]:
+            big[f"quantize_{method}"] = run_worker("quantize", log, ckpt=ckpt, out_dir=data / "qwen3-big-q",
+                                                   samples=gptq_budget[0], seqlen=gptq_budget[1], method=method, **common)
+            write_results(results, out)  # after each stage: a long GPTQ run stopped early keeps the rest
     if not cuda:
         results["notes"].append("CPU only (2 shared cores): calibration budgets are small and the full-model minutes are "
                                 "for those budgets; the detect table above extrapolates to 128x2048 tokens linearly. "

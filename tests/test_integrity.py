@@ -116,17 +116,61 @@ def test_activations_that_overflow_stop_at_the_layer(tiny_model, tmp_path, capsy
     ({"hidden_size": 128}, ["hidden_size is 128", "model.embed_tokens.weight", "[4096, 256]"]),
     ({"moe_intermediate_size": 64}, ["moe_intermediate_size is 64", "expert intermediate size 32"]),
     ({"num_hidden_layers": 8}, ["num_hidden_layers is 8", "layer 9"]),
+    ({"num_hidden_layers": 12}, ["num_hidden_layers is 12", "layers 0-9"]),
+    ({"num_attention_heads": 16}, ["num_attention_heads is 16", "self_attn.q_proj.weight"]),      # a traceback in quantize
     ({"decoder_sparse_step": 2}, ["decoder_sparse_step 2", "layer 0 a dense layer", "hold experts"]),
 ])
 @pytest.mark.parametrize("command", ["detect", "eval"])
 def test_a_config_that_does_not_describe_the_weights_is_refused_before_any_work(changes, needles, command,
                                                                                default_copy, tmp_path, capsys):
-    model = default_copy(f"config-{command}-{'-'.join(changes)}")
+    model = default_copy(f"config-{command}-{'-'.join(f'{k}{v}' for k, v in changes.items())}")
     edit_config(model, **changes)
     code, out, err = cli(capsys, command, model, "--out", tmp_path / "out")
     refused(code, err, "config.json", *needles)
     assert out == "" and len(err.strip().splitlines()) == 1  # no progress bar: refused before any layer ran
     assert not (tmp_path / "out").exists()
+
+
+# ---- SE reports of another shape ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("report,needle", [
+    ({"super_experts": [[1, 2]]}, "an entry of 'super_experts' is [1, 2]"),                   # was a TypeError traceback
+    ({}, "no 'super_experts' list"),                                                          # ablate ran detection on it
+    ({"super_experts": [{"layer": "1", "expert": 2, "channel": 3}]}, "an entry of 'super_experts'"),
+    ({"super_experts": [], "experts": {"layer": 1}}, "'experts' is not a list"),
+])
+@pytest.mark.parametrize("command", [["quantize"], ["prune", "--fraction", "0.25"], ["merge", "--fraction", "0.5"],
+                                     ["ablate"]])
+def test_an_se_report_of_another_shape_is_refused_before_any_work(report, needle, command, tmp_path, capsys):
+    path = tmp_path / "se_report.json"
+    path.write_text(json.dumps(report))
+    code, out, err = cli(capsys, command[0], "default", *command[1:], "--se-report", path, "--out", tmp_path / "out")
+    refused(code, err, needle, "se-compress detect")
+    assert out == "" and not (tmp_path / "out").exists()
+
+
+def test_ablate_checks_a_given_report_against_the_model_and_reads_the_shipped_one(tmp_path, capsys):
+    report = json.loads((DEFAULT_MODEL_DIR / "se_report.json").read_text())
+    assert "experts" not in report  # slimmed for shipping: the random draws come from the model, not the report
+    report["super_experts"][0]["layer"] = 12
+    (tmp_path / "se_report.json").write_text(json.dumps(report))
+    code, _, err = cli(capsys, "ablate", "default", "--se-report", tmp_path / "se_report.json", "--out", tmp_path / "o")
+    refused(code, err, "names Super Expert (12,")  # was a KeyError traceback
+    code, _, err = cli(capsys, "ablate", "default", "--se-report", DEFAULT_MODEL_DIR, "--draws", "1", "--max-windows",
+                       "2", "--out", tmp_path / "shipped")  # was KeyError: 'experts'
+    assert code == 0, err
+    result = json.loads((tmp_path / "shipped" / "ablation.json").read_text())
+    drawn = {tuple(e) for s in result["random_experts"] for e in s}
+    assert drawn and not drawn & {tuple(s) for s in result["super_experts"]}
+
+
+def test_a_folder_of_another_weight_format_is_named(tmp_path, capsys):
+    folder = tmp_path / "gguf"
+    folder.mkdir()
+    (folder / "config.json").write_text((DEFAULT_MODEL_DIR / "config.json").read_text())
+    (folder / "model-q4_k_m.gguf").write_bytes(b"GGUF" + bytes(60))
+    code, _, err = cli(capsys, "detect", folder, "--out", tmp_path / "out")
+    refused(code, err, "no weight files (*.safetensors)", ".gguf files, a format se_compress does not read")
 
 
 # ---- input files: kind and size --------------------------------------------------------------------------------

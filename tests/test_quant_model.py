@@ -239,3 +239,26 @@ def test_asymmetric_act_order_clip_search_fake_quant(tiny_model, tokenizer, tmp_
     assert sum(m["output_error"] for m in experts) < sum(m["rtn_output_error"] for m in experts)
     assert report["super_weights"] and all(w["rel_error"] <= 2 ** -8 for w in report["super_weights"])
     assert torch.isfinite(_logits(out, _ids(tokenizer))).all()
+
+
+def test_round_to_nearest_holds_bf16_layers_as_stored_and_writes_the_fp32_codes(tiny_model, tmp_path):
+    """RTN runs no layer, so it holds each layer in its stored dtype (half the memory of fp32 on the CPU); the codes
+    and scales are those of rounding the fp32 values (rtn.py computes in fp32), clip search included."""
+    from se_compress.quant.pack import unpack_int32
+    from se_compress.quant.rtn import QuantSpec, rtn_quantize
+
+    src = tiny_model("qwen3_moe", dtype=torch.bfloat16)
+    out = quantize_model(str(src), tmp_path / "rtn", method="rtn", bits=3, group_size=16, clip_search=True,
+                         se_policy="none", progress=False)
+    src_ckpt, packed = Checkpoint(src), Checkpoint(out, raw=True)
+    checked = 0
+    for key in src_ckpt.weight_map:
+        if ".experts." not in key:
+            continue
+        w = src_ckpt.get(key)
+        expected = rtn_quantize(w.float(), QuantSpec(3, 16, True), torch.bfloat16, clip=True)
+        prefix = key[: -len("weight")]
+        assert torch.equal(unpack_int32(packed.get(prefix + "weight_packed"), 3, w.shape[1]), expected.q), key
+        assert torch.equal(packed.get(prefix + "weight_scale"), expected.scale), key
+        checked += 1
+    assert checked == 3 * 4 * 16  # gate, up, down of every expert of the 4 MoE layers

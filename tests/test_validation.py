@@ -160,9 +160,12 @@ def test_missing_layers_and_missing_shards(capsys, workdir, tiny_model):
 
     short = copy_model(tiny_model("qwen3_moe"), workdir / "short")
     weights = load_file(short / "model.safetensors")
-    save_file({k: v for k, v in weights.items() if not k.startswith("model.layers.3.")}, short / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.startswith("model.layers.1.")}, short / "model.safetensors")
     code, _, err = cli(capsys, "detect", short, "--out", workdir / "out")
-    assert_refused(code, err, "layer(s) [3]", "re-download")
+    assert_refused(code, err, "layer(s) [1]", "re-download")
+    save_file({k: v for k, v in weights.items() if not k.startswith("model.layers.3.")}, short / "model.safetensors")
+    code, _, err = cli(capsys, "detect", short, "--out", workdir / "out")  # the weights end early: the config's count
+    assert_refused(code, err, "num_hidden_layers is 4", "layers 0-2", "restore the checkpoint's own config.json")
 
     sharded = copy_model(tiny_model("qwen3_moe", max_shard_size="200KB"), workdir / "sharded")
     shards = sorted(sharded.glob("*.safetensors"))

@@ -11,6 +11,7 @@ from ..detect import detect
 from ..errors import SECompressError
 from ..models.handle import open_model
 from ..models.edit import zero_experts
+from ..prune.common import check_se_report
 from .intervals import MARK_NOTE, format_ratio, paired_bootstrap_ratio
 from .perplexity import default_seqlen, eval_text, perplexity_streamed, text_windows
 from .sink import d_sink, first_token_attention
@@ -42,12 +43,19 @@ def ablate(model: str, se_report: dict | None = None, draws: int = 5, seed: int 
     eval_on = eval_text(text)  # a bad --text fails before the detection pass
     handle = open_model(model)  # the caller's handle, or opened here once
     model, ckpt, adapter = handle.name, handle.checkpoint, handle.adapter
-    report = se_report or detect(handle, progress=progress, **detect_kwargs)
+    if se_report is not None:  # given: it must describe this model
+        check_se_report(se_report, ckpt.config, adapter)
+    report = se_report if se_report is not None else detect(handle, progress=progress, **detect_kwargs)
     ses = [(s["layer"], s["expert"]) for s in report["super_experts"]]
     if not ses:
-        raise SECompressError(f"the detector found no Super Experts in {model}: nothing to ablate (see its se_report.md)")
-    candidates = [(e["layer"], e["expert"]) for e in report["experts"]
-                  if e["expert"] != "shared" and (e["layer"], e["expert"]) not in set(ses)]
+        found = "the SE report lists" if se_report is not None else "the detector found"
+        raise SECompressError(f"{found} no Super Experts in {model}: nothing to ablate (see its se_report.md)")
+    # every routed expert of the MoE layers but the SEs, layer by layer (the order of detect's "experts" list, which a
+    # slimmed report such as the shipped model's leaves out)
+    config = ckpt.config
+    moe_layers = [i for i in range(config.num_hidden_layers) if adapter.is_moe_layer(config, i)]
+    candidates = [(layer, e) for layer in moe_layers for e in range(adapter.num_experts(config))
+                  if (layer, e) not in set(ses)]
     rng = random.Random(seed)
     random_sets = [draw_random(candidates, len(ses), rng) for _ in range(draws)]
     matched_sets = [draw_layer_matched(ses, candidates, rng) for _ in range(draws)]

@@ -6,7 +6,9 @@
   (se_compress/output.py: any other existing folder or file is refused; the old output is deleted only after the
   new one is in place).
 - Tensors are written in the input's on-disk layout (per-expert 2-D keys, or fused like gpt-oss), in the
-  input's dtype, and sharded like the input (same largest shard size; one file if the input had one).
+  input's dtype, and sharded like the input (same largest shard size; one file if the input had one), with
+  shards of at most MAX_SHARD_BYTES: a shard waits in memory until it is full (safetensors writes a file at
+  once), and the published 4-5 GB shards would hold several quantized layers there (issue 19: peak RSS).
 - Tokenizer files and generation_config.json are copied; config.json is the (edited) config given.
 """
 import errno
@@ -31,6 +33,9 @@ NOT_COPIED = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.
               "compression_report.json", "recipe.json", "eval.json"}
 
 
+MAX_SHARD_BYTES = 1 << 30  # 4% of a 24 GiB machine; a Qwen3-30B-A3B layer at W4 is 0.3 GiB
+
+
 def check_output_path(src: Path, out: Path, force: bool) -> None:
     check_output(out, inputs=[src], force=force, kind="checkpoint")
 
@@ -45,7 +50,7 @@ class CheckpointWriter:
             shutil.rmtree(self.tmp)  # leftovers of a killed run
         self.tmp.mkdir(parents=True)
         sizes = [f.stat().st_size for f in src.files]
-        self.max_shard = max(sizes) if len(sizes) > 1 else None
+        self.max_shard = min(max(sizes), MAX_SHARD_BYTES) if len(sizes) > 1 else MAX_SHARD_BYTES
         self.dtype = self._source_dtype()
         self.templates = self._source_expert_template()
         self.pending: dict[str, torch.Tensor] = {}
@@ -86,20 +91,26 @@ class CheckpointWriter:
                 name = name.replace(memory_part, disk_part)
         return {name: tensor}
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        for key, value in self._disk_tensors(name, tensor).items():
-            value = value.detach().to("cpu")
+    def add(self, name: str, tensor: torch.Tensor, handed_over: bool = False) -> None:
+        """`handed_over`: the caller made `tensor` for the writer and neither keeps nor changes it (packed codes)."""
+        for key, given in self._disk_tensors(name, tensor).items():
+            value = given.detach().to("cpu")
             if value.is_floating_point() and name.split(".")[-1] != "e_score_correction_bias":
                 value = value.to(self.dtype)
-            self._put(key, value)
+            self._put(key, value, owned=handed_over or value.data_ptr() != given.data_ptr())
 
     def add_stored(self, key: str, tensor: torch.Tensor) -> None:
         """An on-disk tensor written exactly as given (FP8 weights and block scales, MXFP4 blocks): no renaming,
         no dtype change."""
         self._put(key, tensor.detach().to("cpu"))
 
-    def _put(self, key: str, value: torch.Tensor) -> None:
-        self.pending[key] = value.contiguous().clone()
+    def _put(self, key: str, value: torch.Tensor, owned: bool = False) -> None:
+        """Keep a copy of its own until the shard is written: the caller's tensor may change after it was given,
+        or be a view (one expert of a fused tensor would keep the whole alive). A tensor that is already the
+        writer's alone (`owned`: just made by a dtype or device change, or handed over) is kept as it is:
+        copying it again doubled the pending shard's peak."""
+        owned = owned and value.is_contiguous() and value.untyped_storage().nbytes() == value.nbytes
+        self.pending[key] = value if owned else value.contiguous().clone()
         self.pending_bytes += value.numel() * value.element_size()
         if self.max_shard and self.pending_bytes >= self.max_shard:
             self._flush()

@@ -11,7 +11,8 @@ after the calibration pass had started; one promising fewer than the weights hol
   (`first_k_dense_replace`, `decoder_sparse_step`, `mlp_only_layers`);
 - routed experts per MoE layer: the distinct expert indices on disk (per-expert keys), or the fused tensor's
   first dimension (gpt-oss), against the config's count;
-- the routed experts' intermediate size, and num_experts_per_tok within the expert count.
+- the routed experts' intermediate size, and num_experts_per_tok within the expert count;
+- attention heads: num_attention_heads / num_key_value_heads x head size against q_proj / k_proj (not DeepSeek's MLA).
 
 A mismatch is one line naming the config key, its value and the tensor's. Stored quantized layouts keep these
 shapes: FP8 weights are stored at full shape (the scales beside them), MXFP4 blocks pack 32 inputs per block row.
@@ -61,6 +62,8 @@ def check_consistency(path: Path, config: dict, shapes: dict[str, list[int]]) ->
     embed = shapes.get("model.embed_tokens.weight")
     if embed is not None and len(embed) == 2 and embed[1] != hidden:
         raise _mismatch("hidden_size", hidden, "model.embed_tokens.weight", embed, f"hidden size {embed[1]}")
+
+    _check_attention(config, shapes)
 
     per_layer: dict[int, dict[str, list[int]]] = {}
     for name, shape in shapes.items():
@@ -118,6 +121,23 @@ def check_consistency(path: Path, config: dict, shapes: dict[str, list[int]]) ->
                                       f"routed experts in layer {i} ({tensor}): config.json does not describe these "
                                       f"weights; restore the checkpoint's own config.json")
         _check_expert_widths(config, keys, i, hidden, inter_key)
+
+
+def _check_attention(config: dict, shapes: dict) -> None:
+    """Heads x head size against q_proj / k_proj [out, hidden] of layer 0 (MLA's DeepSeek projections differ and
+    are left out): a changed num_attention_heads ran until a Hessian's shape did not match (a traceback)."""
+    if config["model_type"].startswith("deepseek"):
+        return
+    heads, kv_heads = config.get("num_attention_heads"), config.get("num_key_value_heads") or config.get("num_attention_heads")
+    if not isinstance(heads, int) or heads < 1:
+        return
+    head_dim = config.get("head_dim") or config.get("hidden_size", 0) // heads
+    for key, count, name in (("num_attention_heads", heads, "q_proj"), ("num_key_value_heads", kv_heads, "k_proj")):
+        tensor = f"model.layers.0.self_attn.{name}.weight"
+        shape = shapes.get(tensor)
+        if shape is not None and isinstance(count, int) and shape[0] != count * head_dim:
+            raise _mismatch(key, count, tensor, shape, f"{shape[0]} output rows, not {count} heads x head size "
+                            f"{head_dim}")
 
 
 def _pattern_reason(config: dict, model_type: str, layer: int) -> str:

@@ -94,7 +94,11 @@ def check_weights(path: Path, config: dict, allow_pickle: bool) -> None:
                                   f"the download is incomplete; re-download it")
     if not safetensors:
         if not pickles:
-            raise SECompressError(f"no weight files (*.safetensors) in {path}")
+            other = sorted({f.suffix for f in path.iterdir() if f.suffix in (".gguf", ".ggml", ".onnx", ".msgpack",
+                                                                             ".h5", ".npz", ".pte")})
+            found = f" (it holds {', '.join(other)} files, a format se_compress does not read)" if other else ""
+            raise SECompressError(f"no weight files (*.safetensors) in {path}{found}: pass the Hugging Face "
+                                  f"checkpoint folder (config.json and *.safetensors)")
         if not allow_pickle:
             raise SECompressError(f"{path} has only pickle weights ({pickles[0].name}); pickle can run code when loaded: "
                                   f"convert to safetensors or pass --allow-pickle if you trust the source")
@@ -107,6 +111,11 @@ def check_weights(path: Path, config: dict, allow_pickle: bool) -> None:
     if present:
         absent = [i for i in range(config["num_hidden_layers"]) if i not in present]
         if absent:
+            held = sorted(present)
+            if absent[0] > held[-1]:  # the weights simply end early: a config promising more layers than they hold
+                raise SECompressError(f"config.json num_hidden_layers is {config['num_hidden_layers']}, but the weights "
+                                      f"in {path} hold layers 0-{held[-1]} ({held[-1] + 1} layers): restore the "
+                                      f"checkpoint's own config.json, or re-download it if a shard is missing")
             raise SECompressError(f"the weights in {path} have no tensors for layer(s) {absent[:5]}"
                                   f"{' ...' if len(absent) > 5 else ''} of the {config['num_hidden_layers']} in "
                                   f"config.json: a shard is missing or the checkpoint is incomplete; re-download it")

@@ -86,5 +86,6 @@ def stream_layers(sm: StreamedModel, input_ids: torch.Tensor | None, batch_size:
                 for acc in accumulators:
                     if hasattr(acc, "close"):
                         acc.close()
+            round_ = accumulators = None  # done: its statistics are the pass's now, not held while the next is made
         sm.free_layer(i)
     return batches, hidden

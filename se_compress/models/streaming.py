@@ -15,6 +15,7 @@ states through. So each architecture's own masking rules (sliding windows, per-l
 import copy
 import ctypes
 import ctypes.util
+import functools
 
 import torch
 from torch import nn
@@ -26,6 +27,22 @@ from .finite import check_activations
 from .placement import Placement, current
 
 LAYERS_PREFIX = "model.layers."
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+@functools.cache
+def _map_large_blocks_alone() -> None:
+    """glibc serves blocks below its mmap threshold from the heap, and raises that threshold (up to 32 MiB) each
+    time a mapped block is freed; a layer's many 1-32 MiB tensors (one expert's matrix, a solve chunk) then land on
+    the heap, fragment it, and RSS keeps memory nothing uses: 1.2 GiB of a Qwen3-30B-A3B layer's GPTQ peak (5.36 ->
+    4.13 GiB with a fixed 1 MiB threshold, same time; issue 19). Fixed, every such block is mapped on its own and
+    returned to the system when freed."""
+    libc_name = ctypes.util.find_library("c")
+    if libc_name and hasattr(ctypes.CDLL(libc_name), "mallopt"):
+        ctypes.CDLL(libc_name).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
 
 
 def _return_freed_memory() -> None:
@@ -56,28 +73,47 @@ def _expert_templates(adapter):
     return ([adapter.disk_expert_keys] if adapter.disk_expert_keys else []) + known
 
 
-def read_parameter(ckpt: Checkpoint, adapter, config, name: str) -> torch.Tensor:
-    """The in-memory tensor `name`, read from the checkpoint's on-disk layout."""
+def _fused_experts(ckpt: Checkpoint, adapter, config, name: str):
+    """(count, [(destination slice -> source key)]) of a fused in-memory experts tensor stored as per-expert 2-D
+    keys, or None. gate_up_proj [E, 2I, H] is each expert's gate rows then its up rows; down_proj [E, H, I]."""
+    layer_idx = int(name[len(LAYERS_PREFIX):].split(".")[0])
+    prefix = f"{LAYERS_PREFIX}{layer_idx}."
+    for gate_t, up_t, down_t in _expert_templates(adapter):
+        if prefix + gate_t.format(e=0) not in ckpt:
+            continue
+        count = adapter.num_experts(config)
+        if name.endswith("gate_up_proj"):
+            return [(e, part, prefix + t.format(e=e)) for e in range(count) for part, t in ((0, gate_t), (1, up_t))]
+        return [(e, None, prefix + down_t.format(e=e)) for e in range(count)]
+    return None
+
+
+def read_parameter(ckpt: Checkpoint, adapter, config, name: str, into=None) -> torch.Tensor:
+    """The in-memory tensor `name`, read from the checkpoint's on-disk layout into memory of its own (the file's
+    pages can be unmapped as soon as the layer is read). `into(shape, stored_dtype)` gives the empty destination
+    (the placement's device and dtype); None: a CPU tensor in the stored dtype."""
+    into = into or (lambda shape, dtype: torch.empty(shape, dtype=dtype))
+    stored = None
     if name in ckpt:
-        return ckpt.get(name)
+        stored = ckpt.get(name)
     for disk_part, memory_part in adapter.disk_renames:
-        if name.replace(memory_part, disk_part) in ckpt:
-            return ckpt.get(name.replace(memory_part, disk_part))
+        if stored is None and name.replace(memory_part, disk_part) in ckpt:
+            stored = ckpt.get(name.replace(memory_part, disk_part))
+    if stored is not None:
+        return into(stored.shape, stored.dtype).copy_(stored)
     if name.endswith(("experts.gate_up_proj", "experts.down_proj")) and name.startswith(LAYERS_PREFIX):
-        layer_idx = int(name[len(LAYERS_PREFIX):].split(".")[0])
-        prefix = f"{LAYERS_PREFIX}{layer_idx}."
-        for gate_t, up_t, down_t in _expert_templates(adapter):
-            if prefix + gate_t.format(e=0) not in ckpt:
-                continue
-            count = adapter.num_experts(config)
-            if name.endswith("gate_up_proj"):
-                return torch.stack([
-                    torch.cat([ckpt.get(prefix + gate_t.format(e=e)), ckpt.get(prefix + up_t.format(e=e))], dim=0)
-                    for e in range(count)
-                ])
-            return torch.stack([ckpt.get(prefix + down_t.format(e=e)) for e in range(count)])
+        parts = _fused_experts(ckpt, adapter, config, name)
+        if parts is not None:
+            # one destination, filled expert by expert: no per-expert copies, no stacked intermediate
+            first = ckpt.get(parts[0][2])
+            halves = 2 if name.endswith("gate_up_proj") else 1
+            out = into((len(parts) // halves, halves * first.shape[0], first.shape[1]), first.dtype)
+            for e, half, key in parts:
+                rows = slice(None) if half is None else slice(half * first.shape[0], (half + 1) * first.shape[0])
+                out[e, rows].copy_(ckpt.get(key))
+            return out
     if name == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
-        return read_parameter(ckpt, adapter, config, "model.embed_tokens.weight")
+        return read_parameter(ckpt, adapter, config, "model.embed_tokens.weight", into)
     raise SECompressError(f"{ckpt.path} has no weight for '{name}': the weights do not match config.json")
 
 
@@ -90,14 +126,20 @@ def _set_tensor(module: nn.Module, name: str, value: torch.Tensor, as_buffer: bo
 
 class StreamedModel:
     def __init__(self, ckpt: Checkpoint, dtype: torch.dtype | None = None, attn_implementation: str | None = None,
-                 experts_implementation: str | None = None, placement: Placement | None = None):
-        """`dtype` overrides the placement's compute dtype (None: the placement decides: bf16 on GPU, fp32 on CPU)."""
+                 experts_implementation: str | None = None, placement: Placement | None = None,
+                 keep_stored_dtype: bool = False):
+        """`dtype` overrides the placement's compute dtype (None: the placement decides: bf16 on GPU, fp32 on CPU).
+        `keep_stored_dtype`: for a pass that edits and writes layers without running them (round-to-nearest): each
+        tensor is held in the dtype it is read in, so a bf16 layer takes half the memory of its fp32 copy and
+        the values written are the same."""
         from accelerate import init_empty_weights
         from transformers import AutoModelForCausalLM
 
+        _map_large_blocks_alone()
         self.placement = placement or current()
         self.device = self.placement.device
         self.ckpt, self.dtype = ckpt, dtype or self.placement.compute_dtype
+        self.keep_stored_dtype = keep_stored_dtype
         # A copy: building and running the model writes into its config (the experts implementation a pass selects),
         # and the checkpoint's config is shared by every pass of the command (models/handle.py).
         self.config = copy.deepcopy(ckpt.config)
@@ -112,6 +154,7 @@ class StreamedModel:
         for name, module in self.model.named_modules():
             if not name.startswith(LAYERS_PREFIX) and name != "model.layers":
                 self._load_module_tensors(name, module, recurse=False)
+        self.ckpt.release()
         self._kwargs_cache = {}
 
     def _load_module_tensors(self, prefix: str, module: nn.Module, recurse: bool = True) -> None:
@@ -127,13 +170,19 @@ class StreamedModel:
                     if tensor.device != self.device:  # computed in __init__ (rotary frequencies): real, maybe elsewhere
                         sub._buffers[tensor_name] = tensor.to(self.device)
                     continue
-                value = read_parameter(self.ckpt, self.adapter, self.config, full)
-                keep = not value.is_floating_point() or (is_buffer and tensor.dtype == torch.float32)
-                value = value.to(device=self.device, dtype=None if keep else self.dtype)
-                _set_tensor(sub, tensor_name, value, is_buffer)
+                into = functools.partial(self._room, keep_dtype=is_buffer and tensor.dtype == torch.float32)
+                _set_tensor(sub, tensor_name, read_parameter(self.ckpt, self.adapter, self.config, full, into),
+                            is_buffer)
+
+    def _room(self, shape, stored_dtype: torch.dtype, keep_dtype: bool = False) -> torch.Tensor:
+        """Empty memory on the placement's device for a tensor read from the checkpoint: floating tensors in the
+        pass's dtype unless kept as stored (fp32 buffers; every tensor under keep_stored_dtype)."""
+        keep = keep_dtype or self.keep_stored_dtype or not stored_dtype.is_floating_point
+        return torch.empty(shape, dtype=stored_dtype if keep else self.dtype, device=self.device)
 
     def load_layer(self, idx: int) -> nn.Module:
         self._load_module_tensors(f"{LAYERS_PREFIX}{idx}", self.layers[idx])
+        self.ckpt.release()  # the layer owns copies: its file pages need not stay mapped (they count in RSS)
         return self.layers[idx]
 
     def free_layer(self, idx: int) -> None:

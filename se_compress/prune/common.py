@@ -76,7 +76,23 @@ def target_count(config, num_experts: int, fraction: float | None, keep: int | N
 # ---- the SE report and per-expert statistics --------------------------------------------------------------------
 
 def read_se_report(path) -> dict:
-    return read_json_report(path, "se_report.json", "SE report", "se-compress detect")
+    """se_report.json as se-compress detect writes it; a file of another shape is one line, before any model work."""
+    report = read_json_report(path, "se_report.json", "SE report", "se-compress detect")
+    fix = "pass the se_report.json written by se-compress detect"
+    if not isinstance(report, dict) or not isinstance(report.get("super_experts"), list):
+        raise SECompressError(f"the SE report {path} has no 'super_experts' list: {fix}")
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+    for what, entries, keys in (("super_experts", report["super_experts"], ("layer", "expert", "channel")),
+                                ("experts", report.get("experts", []), ("layer", "expert"))):
+        if not isinstance(entries, list):
+            raise SECompressError(f"the SE report {path}: '{what}' is not a list: {fix}")
+        for entry in entries:
+            ok = isinstance(entry, dict) and all(k in entry for k in keys) and is_int(entry["layer"]) and (
+                is_int(entry["expert"]) or entry["expert"] == "shared") and is_int(entry.get("channel", 0))
+            if not ok:
+                raise SECompressError(f"the SE report {path}: an entry of '{what}' is {json.dumps(entry)[:80]}, not "
+                                      f"{{{', '.join(repr(k) + ': ...' for k in keys)}}}: {fix}")
+    return report
 
 
 def check_se_report(report: dict, config, adapter, source: str = "the SE report") -> dict:

@@ -222,12 +222,17 @@ class LayerQuantizer:
             shares = e.expert_calibration == "all" and not calib
             if shares and shared_in is None:
                 shared_in = collector.input_hessian(x).final(0.0)
-            H_in = shared_in if shares else collector.input_hessian(x).final(tw if calib else 0.0)
+            if shares:
+                H_in = shared_in
+            elif e.expert_calibration == "all":  # the layer's one input sum, with this SE's trigger share
+                H_in = collector.input_hessian(x).final(tw if calib else 0.0)
+            else:  # routed: the expert's own input sum, used once
+                H_in = collector.input_hessian(x).take(tw if calib else 0.0)
             clip = e.clip_search and not noclip
             gate_up_jobs.append(dict(x=x, name=f"{base}.gate_up_proj", W=gate_up, bits=bits, H=H_in, shared=shares,
                                      clip=clip, exact=None, track=None, tokens=tokens))
             down_jobs.append(dict(x=x, name=f"{base}.down_proj", W=down, bits=bits,
-                                  H=collector.down[x].final(tw if calib else 0.0), shared=False, clip=clip,
+                                  H=collector.down[x].take(tw if calib else 0.0), shared=False, clip=clip,
                                   exact=exact_down, track=track, tokens=tokens))
         for which, jobs in (("gate_up", gate_up_jobs), ("down", down_jobs)):
             split.solve(which, jobs)  # torchrun: this rank's experts only (all of them in one process)
@@ -283,6 +288,7 @@ class LayerQuantizer:
                                            expert=job["x"], fallback_reason="Hessian not positive definite",
                                            track=job["track"])
                     self._store(job["x"], which, qt, inter)
+                    job["H"] = None  # solved and measured: its Hessian is not needed again
 
     def _store(self, x, which, qt, inter):
         self.solved[(x, which)] = qt
@@ -345,6 +351,7 @@ class Engine:
         if experts is not None:
             lq.experts(experts, collector)
             self.expert_tokens[i] = collector.count.tolist()
+        sums = collector = None  # the Hessians are spent: not held through the last round
         yield Round([])  # the quantized layer's outputs: the next layer's inputs
         self.write_layer(writer, i, layer, lq)
 
@@ -361,9 +368,11 @@ class Engine:
                 self._write_kept_experts(writer, i, name, tensor)
                 continue
             writer.add(prefix + name, tensor)
-        for disk_prefix, qt in lq.packed.items():
+        lq.solved.clear()  # the exchange is over: each matrix's codes are freed as soon as they are packed
+        for disk_prefix in list(lq.packed):
+            qt = lq.packed.pop(disk_prefix)
             for key, value in ct.packed_tensors(disk_prefix, qt).items():
-                writer.add(key, value)
+                writer.add(key, value, handed_over=True)
 
     def _write_kept_experts(self, writer, i, name, tensor):
         """Per-expert .weight keys of the experts that stay bf16 (layer_bits 16); the quantized ones are packed."""
@@ -508,7 +517,9 @@ def quantize_model(model: str, out, *, method: str = "gptq", bits: int = 4, grou
             raise SECompressError(f"{config.model_type} stores its experts fused on disk, and compressed-tensors has no "
                                   f"layout for them that transformers 5.23 loads: use --format fake-quant")
 
-    sm = StreamedModel(ckpt)  # device and dtype: the current placement (--device)
+    # device and dtype: the current placement (--device); round-to-nearest runs no layer, so each layer is held
+    # as stored (bf16: half the memory of fp32; rtn.py computes in fp32 and writes the same values)
+    sm = StreamedModel(ckpt, keep_stored_dtype=method == "rtn")
     templates = _disk_templates(ckpt, adapter, config)
     common = dict(method=method, bits=bits, group_size=group_size, symmetric=symmetric, clip_search=clip_search,
                   act_order=act_order, quantize_attention=quantize_attention, layer_bits=layer_bits, damp=damp,

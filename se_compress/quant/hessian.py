@@ -77,6 +77,13 @@ class HessianSum:
 
     result = final
 
+    def take(self, trigger_weight: float = 0.0) -> torch.Tensor:
+        """final(), after which the float64 sums are dropped: the solve needs only the fp32 Hessian, and a
+        Qwen3-30B-A3B layer's 128 down_proj sums are 0.6 GiB (issue 19: peak RSS)."""
+        H = self.final(trigger_weight)
+        self.H = self.Ht = None
+        return H
+
 
 def reduce_hessians(sums, collector=None) -> None:
     """Every rank's HessianSums (and an ExpertCollector's, with its routing counts) summed, in place, the same on
