@@ -52,10 +52,17 @@ MODELS = {
 
 # ---------------------------------------------------------------------------------------------- checkpoints
 
-def make_config(name: str, layers: int, vocab: int):
+EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+def make_config(name: str, layers: int, vocab: int, experts: int | None = None):
+    """The real shape of `name`; `experts`: build that many routed experts per layer instead (the per-expert shapes
+    stay real: Mixtral-8x7B's passes on a CPU whose RAM cannot hold 8 experts' float64 Hessian sums beside the layer)."""
     import transformers
 
     spec = MODELS[name]
+    if experts:
+        spec = {**spec, "kw": {**spec["kw"], **{k: experts for k in EXPERT_COUNT_KEYS if k in spec["kw"]}}}
     return getattr(transformers, spec["cls"])(vocab_size=vocab, num_hidden_layers=layers, max_position_embeddings=4096,
                                               bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
                                               dtype="bfloat16", **spec["kw"])
@@ -292,7 +299,7 @@ def worker_passes(args) -> dict:
     with use_device(args.device) as placement:
         dev, dtype = placement.device, placement.compute_dtype
         g = torch.Generator().manual_seed(0)
-        config = make_config(args.model, 2, 4096)
+        config = make_config(args.model, 2, 4096, experts=args.built_experts)
         adapter = adapter_for(config)
         base, layer, idx = eff.build_layer(config, dtype, dev, g)
         batches, kwargs = [], None
@@ -305,7 +312,7 @@ def worker_passes(args) -> dict:
         E = adapter.num_experts(config)
         gptq = eff.gptq_pass(config, adapter, layer, collector, min(E, args.experts or E), dev)
     return {"detect": detect, "hessian": hess, **gptq, "threads": torch.get_num_threads(),
-            "placement": placement.describe()}
+            "placement": placement.describe(), "built_experts": E}
 
 
 def _sync(placement):
@@ -489,6 +496,12 @@ def passes_markdown(results: dict) -> list[str]:
     lines.append("")
     for name, p in rows:
         if "error" not in p:
+            real = MODELS[name]["kw"]
+            real_count = next(real[k] for k in EXPERT_COUNT_KEYS if k in real)
+            if p.get("built_experts", real_count) != real_count:
+                lines.append(f"- {name}: the layer was built with {p['built_experts']} of its {real_count} routed "
+                             f"experts (real per-expert shapes; this CPU's RAM cannot hold all of them with their "
+                             f"float64 Hessian sums); every figure is per FLOP, so it holds for the whole layer.")
             lines.append(f"- {name}: report metrics take {100 * p['metrics']['share_of_gptq_time']:.0f}% of the GPTQ "
                          f"solve time; GPTQ solved {p['experts']} of {p['of_experts']} experts, in chunks of "
                          f"{p['chunks']['down']} (down_proj) and {p['chunks']['gate_up']} (gate/up); threads "
@@ -556,6 +569,9 @@ def main():
     p.add_argument("--passes-tokens", default="4x128", help="SxL of the per-pass efficiency measure (bench/efficiency.py)")
     p.add_argument("--passes-experts", default="8", help="experts GPTQ-solved in the efficiency measure: N or name=N,..")
     p.add_argument("--only-passes", action="store_true", help="only the per-pass efficiency measure (no checkpoints)")
+    p.add_argument("--passes-built-experts", default="", help="name=N,...: build N routed experts of that model's real "
+                   "per-expert shape for the passes (a CPU without the RAM for all of them; said in the table)")
+    p.add_argument("--built-experts", type=int, help=argparse.SUPPRESS)  # worker: passed by --passes-built-experts
     p.add_argument("--before", help="scale.json of a run of the code before a change: its pass efficiencies are "
                    "shown beside these")
     p.add_argument("--merge", help="comma list of scale.json files from runs on the same device: one report from them")
@@ -617,8 +633,10 @@ def main():
     passes_experts = dict(kv.split("=") for kv in args.passes_experts.split(",")) if "=" in args.passes_experts else {}
     for name in [m for m in args.models.split(",") if m]:
         s, l = budget(args.passes_tokens)
+        built = dict(kv.split("=") for kv in args.passes_built_experts.split(",") if kv)
         results["models"].setdefault(name, {})["passes"] = run_worker(
             "passes", log, model=name, samples=s, seqlen=l, batch_size=min(args.batch_size, s), device=str(device),
+            **({"built_experts": int(built[name])} if name in built else {}),
             experts=int(passes_experts.get(name, 8 if passes_experts else args.passes_experts)))
         if args.only_passes:
             write_results(results, out)  # after each model: a run stopped at its time limit keeps what it measured

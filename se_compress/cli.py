@@ -500,6 +500,14 @@ class _InterruptFlag:
         return False
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    """torch's CPU allocator raises RuntimeError("... can't allocate memory ..."), CUDA torch.OutOfMemoryError."""
+    import torch
+
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+
+
 def _one_line(exc: BaseException, interrupted: bool) -> int:
     """The exit status for an exception, after printing it as one line; anything unexpected is re-raised."""
     if isinstance(exc, Terminated) or received():  # SIGTERM ends a command as Ctrl-C does (signals.py)
@@ -517,6 +525,10 @@ def _one_line(exc: BaseException, interrupted: bool) -> int:
         where = f" {exc.filename}" if exc.filename else ""
         print(f"error: could not read or write{where}: {exc.strerror or exc}; nothing that looks complete was left",
               file=sys.stderr)
+        return 2
+    if _out_of_memory(exc):  # the budget checks are lower bounds: what still does not fit is one line too
+        print("\nerror: out of memory (" + str(exc).splitlines()[0][:120] + "): lower --samples, --seqlen or "
+              "--batch-size, or use a machine with more memory; nothing that looks complete was left", file=sys.stderr)
         return 2
     if isinstance(exc, SystemExit):  # the trainer's own argparse (train-default -- --help)
         return exc.code if isinstance(exc.code, int) else 2

@@ -331,7 +331,12 @@ def launch(nproc: int, argv: list[str]) -> int:
 
     if nproc < 1:
         raise SECompressError(f"--nproc {nproc}: give the number of processes (GPUs of this node), 1 or more")
-    for name in ("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher"):
+    # torch sets a level on each of its named loggers (so the parents' level does not reach them): quiet them all,
+    # or a SIGTERM printed the agent's "Received 15 death signal" line before ours
+    from torch.distributed.elastic.agent.server import api  # noqa: F401: creates the agent's loggers
+
+    prefixes = ("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher")
+    for name in [n for n in list(logging.root.manager.loggerDict) if n.startswith(prefixes)] + list(prefixes):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     os.environ[LAUNCHER_ENV] = "1"
     args = parse_args(["--standalone", "--nproc-per-node", str(nproc), "-m", "se_compress", *argv])

@@ -134,8 +134,9 @@ def check_calibration(name: str, seqlen: int | None = None) -> None:
     if path.exists():
         check_text_file(path, min_bytes=max(2, (seqlen or 2) - 1))
         return
-    if "/" in name and not name.startswith((".", "/", "~")) and name.count("/") == 1:
-        return
+    looks_like_file = path.suffix.lower() in (".txt", ".text", ".md", ".json", ".jsonl", ".csv", ".tsv", ".parquet")
+    if "/" in name and not name.startswith((".", "/", "~")) and name.count("/") == 1 and not looks_like_file:
+        return  # org/name: a Hub dataset (a file name like data/train.txt is a missing file, not 30 s of Hub retries)
     raise SECompressError(f"calibration '{name}' not found: use {' or '.join(SHIPPED)}, a text file, or a Hub dataset "
                           f"org/name[:split]")
 

@@ -44,13 +44,14 @@ def tiny_model(tmp_path_factory, tokenizer):
     return make
 
 
-def signal_quantize_while_writing(tmp_path, sig, env=None):
+def signal_quantize_while_writing(tmp_path, sig, env=None, launcher=()):
     """Start `quantize default --method rtn` (no detection pass: straight to writing) into tmp_path/area/w4, send
-    `sig` once the layer loop runs, and return (argv, exit status, the lines starting with 'error:', all stderr)."""
+    `sig` once the layer loop runs, and return (argv, exit status, the lines starting with 'error:', all stderr).
+    `launcher`: options before the command (`--nproc 2`)."""
     import subprocess
     import sys
 
-    argv = [sys.executable, "-m", "se_compress", "quantize", "default", "--method", "rtn", "--se-policy", "none",
+    argv = [sys.executable, "-m", "se_compress", *launcher, "quantize", "default", "--method", "rtn", "--se-policy", "none",
             "--out", str(tmp_path / "area" / "w4")]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
     seen = ""

@@ -91,3 +91,24 @@ def test_unreachable_hub_id_is_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "se_compress", "detect", "no-such-org/no-such-moe", "--out",
                            str(tmp_path / "r")], capture_output=True, text=True, env=env)
     assert_one_line_error(proc.returncode, proc.stderr, "Hugging Face Hub", "no-such-org/no-such-moe")
+
+
+def test_a_missing_calibration_file_with_a_folder_is_not_looked_up_on_the_hub(tmp_path):
+    missing = "no-such-folder-here/train.txt"
+    code, _, err = run_cli("detect", "default", "--calib", missing, "--out", str(tmp_path / "r"))
+    assert_one_line_error(code, err, f"calibration '{missing}' not found")
+    assert "Hub dataset" not in err.replace("or a Hub dataset org/name", "") and not (tmp_path / "r").exists()
+
+
+def test_running_out_of_memory_is_one_line(capsys):
+    """The memory checks up front are lower bounds; an allocation that still fails ends like any bad input."""
+    import torch
+
+    from se_compress.cli import _one_line
+
+    try:
+        torch.empty(2**50, dtype=torch.uint8)  # the CPU allocator's own failure, as a run that outgrows RAM gets it
+    except RuntimeError as exc:
+        code = _one_line(exc, interrupted=False)
+    err = capsys.readouterr().err
+    assert_one_line_error(code, err, "out of memory", "lower --samples, --seqlen or --batch-size")

@@ -97,3 +97,14 @@ def test_statistics_equal_a_plain_per_expert_recomputation(model_type, tiny_mode
                 assert entry["count"] == y.shape[0]
                 assert entry["max_output"] == pytest.approx(y.abs().max().item(), rel=1e-5)
                 assert entry["reap"] == pytest.approx((w * y.norm(dim=-1)).mean().item(), rel=1e-4)
+
+
+def test_hidden_recorder_keeps_its_sample_not_the_batch():
+    """Its median sample was a strided view of the batch's |h|: every layer kept every token's hidden state alive
+    (detect --samples 2000 on the default model ran out of memory)."""
+    from se_compress.detect.stats import HiddenRecorder
+
+    rec = HiddenRecorder(hidden_size=256, seq_len=512, sample_per_batch=4096)
+    rec.update(torch.randn(8, 512, 256))
+    sample = rec.samples[-1]
+    assert sample.numel() == 4096 and sample.untyped_storage().nbytes() == 4096 * 4

@@ -276,6 +276,14 @@ def test_sigterm_ends_quantize_like_ctrl_c_and_a_rerun_completes(tmp_path):
     assert (out / "compression_report.json").exists() and (out / "config.json").exists()
 
 
+def test_sigterm_under_torchrun_is_our_one_line_alone(tmp_path):
+    """torchrun's agent logged "Received 15 death signal, shutting down workers" before our line."""
+    _, code, lines, err = signal_quantize_while_writing(tmp_path, signal.SIGTERM, env=_env(), launcher=("--nproc", "2"))
+    assert code == 143 and len(lines) == 1 and "terminated (SIGTERM)" in lines[0], err
+    assert "death signal" not in err and "Traceback" not in err, err
+    assert list((tmp_path / "area").iterdir()) == []
+
+
 def test_sigterm_still_stops_the_process_after_a_distributed_run(tiny_model, tmp_path):
     """`se-compress --nproc 2` runs torchrun's agent in this process; its SIGTERM handler used to stay installed."""
     script = ("import os, signal, sys, time\n"

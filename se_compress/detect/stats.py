@@ -182,7 +182,9 @@ class HiddenRecorder:
             self.other_token_max = max(self.other_token_max, absh[:, 1:].max().item())
         flat = absh.reshape(-1)
         stride = max(1, flat.numel() // self.sample_per_batch)
-        self.samples.append(flat[::stride].cpu())
+        # a copy: on the CPU .cpu() returns the strided view itself, which kept the whole batch's |h| alive (one
+        # hidden state per token per layer: detect --samples 2000 ran out of memory; issue 21's audit)
+        self.samples.append(flat[::stride].to("cpu", copy=True))
         self.sample_batches.append(self.batch)
 
     def reduce(self) -> None:
