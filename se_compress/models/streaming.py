@@ -74,8 +74,8 @@ def _expert_templates(adapter):
 
 
 def _fused_experts(ckpt: Checkpoint, adapter, config, name: str):
-    """(count, [(destination slice -> source key)]) of a fused in-memory experts tensor stored as per-expert 2-D
-    keys, or None. gate_up_proj [E, 2I, H] is each expert's gate rows then its up rows; down_proj [E, H, I]."""
+    """Where each per-expert 2-D key goes in the fused in-memory experts tensor `name`: [(expert, half, key)] (half 0
+    gate, 1 up of gate_up_proj [E, 2I, H]; None for down_proj [E, H, I]), or None when the experts are fused on disk."""
     layer_idx = int(name[len(LAYERS_PREFIX):].split(".")[0])
     prefix = f"{LAYERS_PREFIX}{layer_idx}."
     for gate_t, up_t, down_t in _expert_templates(adapter):
