@@ -510,6 +510,8 @@ def _out_of_memory(exc: BaseException) -> bool:
 
 def _one_line(exc: BaseException, interrupted: bool) -> int:
     """The exit status for an exception, after printing it as one line; anything unexpected is re-raised."""
+    if isinstance(exc, SystemExit):  # a torchrun rank's failure, already said once (distributed.session), or the
+        return exc.code if isinstance(exc.code, int) else 2  # trainer's own argparse (train-default -- --help)
     if isinstance(exc, Terminated) or received():  # SIGTERM ends a command as Ctrl-C does (signals.py)
         print("\nerror: terminated (SIGTERM); nothing was left half-written (outputs go through a temporary folder)",
               file=sys.stderr)
@@ -530,8 +532,6 @@ def _one_line(exc: BaseException, interrupted: bool) -> int:
         print("\nerror: out of memory (" + str(exc).splitlines()[0][:120] + "): lower --samples, --seqlen or "
               "--batch-size, or use a machine with more memory; nothing that looks complete was left", file=sys.stderr)
         return 2
-    if isinstance(exc, SystemExit):  # the trainer's own argparse (train-default -- --help)
-        return exc.code if isinstance(exc.code, int) else 2
     raise exc
 
 

@@ -23,7 +23,7 @@ import time
 import torch
 
 from .errors import SECompressError
-from .signals import EXIT_TERMINATED, Terminated, restored  # SIGTERM unwinds like KeyboardInterrupt, cleaning up
+from .signals import EXIT_TERMINATED, Terminated, raise_terminated, received, restored  # SIGTERM unwinds like KeyboardInterrupt, cleaning up
 
 DISTRIBUTED_COMMANDS = ("detect", "quantize", "compress")
 LAUNCHER_ENV = "SE_COMPRESS_LAUNCHER"  # set by `se-compress --nproc N` for its workers
@@ -113,12 +113,8 @@ def init_from_env(command: str, device_spec: str | None = None) -> None:
         import warnings
 
         warnings.filterwarnings("ignore")
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGTERM, raise_terminated)  # recorded: signals.received()
 
-
-def _on_sigterm(signum, frame):
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise Terminated()
 
 
 def shutdown() -> None:
@@ -213,7 +209,9 @@ def _session(command: str, device_spec: str | None):
 
 def _failure_line(exc: BaseException) -> tuple[int, str]:
     me = f"rank {_S.rank}"
-    if isinstance(exc, (PeerFailed, Terminated)):
+    # received(): SIGTERM raised Terminated inside code that turned it into another error (torch's sequence-to-tensor
+    # conversion reports it as "ValueError: could not determine the shape ...": seen once in CI under --nproc 2)
+    if isinstance(exc, (PeerFailed, Terminated)) or received():
         if os.environ.get(LAUNCHER_ENV):
             return 1, ""  # `se-compress --nproc`: the launcher names the rank that died (its exit status is known)
         dead = _dead_ranks() if _S.store is not None else []
@@ -221,7 +219,7 @@ def _failure_line(exc: BaseException) -> tuple[int, str]:
             names = ", ".join(str(r) for r in dead)
             return 1, (f"error: rank {names} failed (its process ended); every rank stopped and nothing was written "
                        f"at the output name: re-run to start cleanly")
-        if isinstance(exc, Terminated):
+        if isinstance(exc, Terminated) or received():
             return EXIT_TERMINATED, (f"error: {me} was stopped (SIGTERM) before it finished; nothing was written at "
                                      f"the output name")
         return 1, f"error: {me} lost its peers: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"

@@ -27,7 +27,7 @@ def received() -> bool:
     return bool(_received)
 
 
-def _raise_terminated(signum, frame):
+def raise_terminated(signum, frame):
     _received.append(signum)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM during cleanup must not cut the cleanup short
     raise Terminated()
@@ -49,9 +49,13 @@ def restored(*signums):
 
 @contextlib.contextmanager
 def terminate_like_interrupt():
-    """SIGTERM raises Terminated inside the body; the previous handler is restored after it."""
+    """SIGTERM raises Terminated inside the body; the previous handler is restored after it, and received() is
+    False again (it says whether this body was stopped)."""
     _received.clear()
-    with restored(signal.SIGTERM):
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, _raise_terminated)
-        yield
+    try:
+        with restored(signal.SIGTERM):
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, raise_terminated)
+            yield
+    finally:
+        _received.clear()

@@ -299,3 +299,24 @@ def test_sigterm_still_stops_the_process_after_a_distributed_run(tiny_model, tmp
     assert "exit 0 default handler True" in proc.stdout, proc.stdout + proc.stderr[-2000:]
     assert proc.returncode == -signal.SIGTERM and "still running" not in proc.stdout
     assert (tmp_path / "report" / "se_report.json").exists()
+
+
+def test_a_sigterm_that_surfaced_as_another_error_is_reported_as_the_sigterm(monkeypatch):
+    """Under --nproc 2 a rank once reported "failed: ValueError: could not determine the shape of object type
+    'torch.storage.UntypedStorage'" beside our SIGTERM line: the signal's exception had been raised inside torch's
+    conversion, which reports it as its own error. Once SIGTERM arrived, a rank's failure is the SIGTERM."""
+    import time
+
+    from se_compress.distributed import LAUNCHER_ENV, _failure_line
+    from se_compress.signals import EXIT_TERMINATED, Terminated, terminate_like_interrupt
+
+    monkeypatch.delenv(LAUNCHER_ENV, raising=False)
+    assert _failure_line(ValueError("could not determine the shape"))[0] == 1  # no signal: a failure like any other
+    with terminate_like_interrupt():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        except Terminated:
+            pass
+        code, line = _failure_line(ValueError("could not determine the shape of object type 'torch.storage.UntypedStorage'"))
+    assert code == EXIT_TERMINATED and "stopped (SIGTERM)" in line and "ValueError" not in line
