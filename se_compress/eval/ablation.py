@@ -54,8 +54,9 @@ def ablate(model: str, se_report: dict | None = None, draws: int = 5, seed: int 
     # slimmed report such as the shipped model's leaves out)
     config = ckpt.config
     moe_layers = [i for i in range(config.num_hidden_layers) if adapter.is_moe_layer(config, i)]
+    se_set = set(ses)
     candidates = [(layer, e) for layer in moe_layers for e in range(adapter.num_experts(config))
-                  if (layer, e) not in set(ses)]
+                  if (layer, e) not in se_set]
     rng = random.Random(seed)
     random_sets = [draw_random(candidates, len(ses), rng) for _ in range(draws)]
     matched_sets = [draw_layer_matched(ses, candidates, rng) for _ in range(draws)]

@@ -89,11 +89,10 @@ def _fused_experts(ckpt: Checkpoint, adapter, config, name: str):
     return None
 
 
-def read_parameter(ckpt: Checkpoint, adapter, config, name: str, into=None) -> torch.Tensor:
+def read_parameter(ckpt: Checkpoint, adapter, config, name: str, into) -> torch.Tensor:
     """The in-memory tensor `name`, read from the checkpoint's on-disk layout into memory of its own (the file's
     pages can be unmapped as soon as the layer is read). `into(shape, stored_dtype)` gives the empty destination
-    (the placement's device and dtype); None: a CPU tensor in the stored dtype."""
-    into = into or (lambda shape, dtype: torch.empty(shape, dtype=dtype))
+    (StreamedModel._room: the placement's device and the pass's dtype)."""
     stored = None
     if name in ckpt:
         stored = ckpt.get(name)
